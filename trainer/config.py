@@ -1,0 +1,528 @@
+"""The typed, validated training configuration.
+
+``TrainConfig`` holds every option. Field names are those of diffusers' ``train_dreambooth_lora_sdxl_advanced.py``
+so an existing command line works unchanged (``trainer/cli.py`` turns these fields into flags). Values come, in
+increasing priority, from: the dataclass defaults < a preset (``presets/<name>.yaml``) < a config file (YAML/JSON)
+< explicit flags / keyword overrides. ``validate()`` reports *every* bad field at once, each naming the field,
+the value and what is accepted, and nothing starts while any is left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
+
+
+class Optimizer(str, Enum):
+    prodigy = "prodigy"
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"
+    adafactor = "adafactor"
+
+
+class LRScheduler(str, Enum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+class ModelFamilyName(str, Enum):
+    auto = "auto"
+    sdxl = "sdxl"
+    sd = "sd"
+
+
+def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, group="general", cli=True):
+    """A dataclass field carrying its help text and its accepted range (used by the CLI and by validate())."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+            "group": group, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = opt(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "Base model: a Hub id, a local diffusers folder, or a tiny offline model (tiny-sdxl, tiny-sd, tiny-sd2-v).",
+        group="model")
+    pretrained_vae_model_name_or_path: Optional[str] = opt(
+        None, "Separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix, which is safe in half precision).", group="model")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.", group="model")
+    variant: Optional[str] = opt(None, "Weight variant of the base model files, e.g. fp16.", group="model")
+    model_family: ModelFamilyName = opt(ModelFamilyName.auto, "Model family; auto detects it from the model folder.",
+                                        group="model")
+    cache_dir: Optional[str] = opt(None, "Where downloaded models and datasets are cached.", group="model")
+
+    # --- data --------------------------------------------------------------------------------------------
+    dataset_name: Optional[str] = opt(
+        None, "Hub dataset name, or a local ImageFolder (images + metadata.jsonl).", group="data")
+    dataset_config_name: Optional[str] = opt(None, "Config name of the Hub dataset.", group="data")
+    instance_data_dir: Optional[str] = opt(
+        None, "Folder of images; a .txt file next to an image is its caption.", group="data")
+    image_column: str = opt("image", "Image column of the dataset (file_name for an ImageFolder).", group="data")
+    caption_column: Optional[str] = opt(None, "Caption column of the dataset; none means --instance_prompt.",
+                                        group="data")
+    instance_prompt: str = opt("a photo of TOK", "Prompt used for images without their own caption.", group="data")
+    repeats: int = opt(1, "How many times each image is repeated (before shuffling).", min=1, max=1000, group="data")
+    resolution: Optional[int] = opt(
+        None, "Training resolution in pixels; default by family (SDXL 1024, SD 2.x-v 768, SD 512).",
+        min=64, max=4096, group="data")
+    center_crop: bool = opt(True, "Crop to the bucket from the centre (false: a random crop).", group="data")
+    random_flip: bool = opt(False, "Flip images horizontally at random.", group="data")
+    aspect_buckets: bool = opt(True, "Group images in aspect-ratio buckets instead of square crops.", group="data")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.", min=8, max=512, group="data")
+    caption_dropout: float = opt(0.0, "Probability of training on an empty caption.", min=0.0, max=1.0, group="data")
+    shuffle_tags: bool = opt(False, "Shuffle comma-separated tags of each caption.", group="data")
+    keep_tokens: int = opt(0, "Number of leading tags kept in place when shuffling.", min=0, max=100, group="data")
+    cache_latents: bool = opt(True, "Encode each image (and flip) once and keep the latents.", group="data")
+    cache_text_embeddings: bool = opt(
+        True, "Cache prompt embeddings once no text parameter trains (after the pivot).", group="data")
+    image_interpolation_mode: str = opt("lanczos", "Resize filter.",
+                                        choices=["lanczos", "bicubic", "bilinear", "nearest"], group="data")
+    dataloader_num_workers: int = opt(0, "Data loader worker processes.", min=0, max=64, group="data")
+
+    # --- prior preservation ------------------------------------------------------------------------------
+    with_prior_preservation: bool = opt(False, "Add the prior-preservation loss on class images.", group="prior")
+    class_data_dir: Optional[str] = opt(None, "Folder of class images (missing ones are generated).", group="prior")
+    class_prompt: Optional[str] = opt(None, "Prompt of the class images, e.g. 'a photo of a person'.", group="prior")
+    num_class_images: int = opt(100, "Minimum number of class images.", min=1, max=100000, group="prior")
+    prior_loss_weight: float = opt(1.0, "Weight of the prior loss.", min=0.0, max=100.0, group="prior")
+    sample_batch_size: int = opt(4, "Batch size when generating class images.", min=1, max=64, group="prior")
+    prior_generation_precision: Optional[str] = opt(None, "Precision for class-image generation.",
+                                                    choices=[None, "no", "fp32", "fp16", "bf16"], group="prior")
+
+    # --- pivotal tuning / text ---------------------------------------------------------------------------
+    train_text_encoder_ti: bool = opt(False, "Pivotal tuning: learn new token embeddings for the trigger.",
+                                      group="text")
+    train_text_encoder_ti_frac: float = opt(0.5, "Fraction of the steps during which the tokens train.",
+                                            min=0.0, max=1.0, min_exclusive=True, group="text")
+    token_abstraction: str = opt("TOK", "Placeholder(s) in prompts replaced by the new tokens (comma list).",
+                                 group="text")
+    num_new_tokens_per_abstraction: int = opt(2, "New tokens per placeholder.", min=1, max=16, group="text")
+    train_text_encoder: bool = opt(False, "Train LoRA adapters on the text encoder(s) instead.", group="text")
+    train_text_encoder_frac: float = opt(1.0, "Fraction of the steps during which the text-encoder LoRA trains.",
+                                         min=0.0, max=1.0, min_exclusive=True, group="text")
+    text_encoder_lr: Optional[float] = opt(None, "Learning rate of text parameters (default: --learning_rate).",
+                                           min=0.0, max=10.0, min_exclusive=True, group="text")
+    adam_weight_decay_text_encoder: Optional[float] = opt(
+        None, "Weight decay of text parameters (default: --adam_weight_decay).", min=0.0, max=1.0, group="text")
+
+    # --- LoRA --------------------------------------------------------------------------------------------
+    rank: int = opt(32, "LoRA rank.", min=1, max=1024, group="lora")
+    lora_alpha: Optional[float] = opt(None, "LoRA alpha (default: the rank).", min=0.0, max=4096.0,
+                                      min_exclusive=True, group="lora")
+    lora_dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=0.9, group="lora")
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).", group="lora")
+    lora_target_modules: str = opt("to_k,to_q,to_v,to_out.0", "UNet modules that get adapters (comma list).",
+                                   group="lora")
+
+    # --- optimisation ------------------------------------------------------------------------------------
+    optimizer: Optimizer = opt(Optimizer.adamw, "Optimizer.", group="optim")
+    learning_rate: float = opt(1e-4, "UNet learning rate (Prodigy: 1.0).", min=0.0, max=10.0, min_exclusive=True,
+                               group="optim")
+    scale_lr: bool = opt(False, "Multiply the lr by batch size x accumulation x processes.", group="optim")
+    use_8bit_adam: bool = opt(False, "Same as --optimizer adamw8bit.", group="optim")
+    adam_beta1: float = opt(0.9, "Adam/Prodigy beta1.", min=0.0, max=1.0, group="optim")
+    adam_beta2: float = opt(0.999, "Adam/Prodigy beta2.", min=0.0, max=1.0, group="optim")
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.", min=0.0, max=1.0, min_exclusive=True, group="optim")
+    adam_weight_decay: float = opt(1e-4, "Weight decay of UNet parameters.", min=0.0, max=1.0, group="optim")
+    prodigy_beta3: Optional[float] = opt(None, "Prodigy beta3 (default: sqrt(beta2)).", min=0.0, max=1.0,
+                                         group="optim")
+    prodigy_decouple: bool = opt(True, "Prodigy: AdamW-style decoupled weight decay.", group="optim")
+    prodigy_use_bias_correction: bool = opt(True, "Prodigy: Adam bias correction.", group="optim")
+    prodigy_safeguard_warmup: bool = opt(True, "Prodigy: safeguard warm-up.", group="optim")
+    prodigy_d_coef: float = opt(1.0, "Prodigy: coefficient of the d estimate.", min=0.0, max=100.0,
+                                min_exclusive=True, group="optim")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 turns it off).", min=0.0, max=1e6, group="optim")
+    lr_scheduler: LRScheduler = opt(LRScheduler.constant, "Learning-rate schedule.", group="optim")
+    lr_warmup_steps: int = opt(0, "Warm-up steps.", min=0, max=10**7, group="optim")
+    lr_num_cycles: int = opt(1, "Cycles of cosine_with_restarts.", min=1, max=1000, group="optim")
+    lr_power: float = opt(1.0, "Power of the polynomial schedule.", min=0.0, max=100.0, group="optim")
+    snr_gamma: Optional[float] = opt(None, "Min-SNR weighting gamma (5.0 is the recommended value).", min=0.0,
+                                     max=100.0, min_exclusive=True, group="optim")
+    noise_offset: float = opt(0.0, "Noise offset.", min=0.0, max=1.0, group="optim")
+
+    # --- schedule ----------------------------------------------------------------------------------------
+    train_batch_size: int = opt(1, "Images per step and process.", min=1, max=256, group="schedule")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1, max=1024,
+                                           group="schedule")
+    num_train_epochs: int = opt(1, "Epochs (used when --max_train_steps is not given).", min=1, max=100000,
+                                group="schedule")
+    max_train_steps: Optional[int] = opt(None, "Optimizer steps; overrides --num_train_epochs.", min=1,
+                                         max=10**7, group="schedule")
+    steps_per_image: Optional[int] = opt(
+        None, "Preset rule: steps = this x number of images (when --max_train_steps is not given).",
+        min=1, max=100000, group="schedule")
+    gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.", group="schedule")
+    seed: Optional[int] = opt(42, "Random seed (training is reproducible on CPU with a seed).", min=0,
+                              max=2**32 - 1, group="schedule")
+    mixed_precision: Optional[MixedPrecision] = opt(None, "Mixed precision (default: bf16 on GPU, no on CPU).",
+                                                    group="schedule")
+    allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere+ GPUs.", group="schedule")
+    compile_unet: bool = opt(False, "torch.compile the UNet.", group="schedule")
+    auto_fit: bool = opt(False, "Measure a few steps first and adjust settings that would not fit in memory.",
+                         group="schedule")
+    log_every: int = opt(1, "Read the loss back from the device every N steps.", min=1, max=10000,
+                         group="schedule")
+
+    # --- output, checkpoints, validation ------------------------------------------------------------------
+    output_dir: str = opt("outputs/lora", "Run folder: config, events, checkpoints, samples, artifacts.",
+                          group="output")
+    output_name: Optional[str] = opt(None, "File name of the kohya/embedding artifacts (default: run folder name).",
+                                     group="output")
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N steps.", min=1, max=10**7,
+                                   group="output")
+    checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints.", min=1, max=10000,
+                                                 group="output")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder.", group="output")
+    validation_prompt: Optional[str] = opt(None, "Prompt for sample images (TOK is replaced).", group="output")
+    num_validation_images: int = opt(4, "Sample images per validation.", min=1, max=64, group="output")
+    validation_steps: int = opt(100, "Render samples every N steps.", min=1, max=10**7, group="output")
+    validation_inference_steps: int = opt(25, "Denoising steps of sample images.", min=1, max=1000,
+                                          group="output")
+    validation_guidance_scale: float = opt(5.0, "Guidance scale of sample images.", min=0.0, max=50.0,
+                                           group="output")
+    report_to: ReportTo = opt(ReportTo.none, "Experiment tracker.", group="output")
+    logging_dir: str = opt("logs", "Tracker log folder, inside the run folder.", group="output")
+    push_to_hub: bool = opt(False, "Upload the artifacts to the Hub when done.", group="output")
+    hub_model_id: Optional[str] = opt(None, "Hub repo, e.g. user/my-lora.", group="output")
+    hub_token: Optional[str] = opt(None, "Hub token (used for the upload only; never saved).", group="output")
+    hub_private: bool = opt(False, "Create the Hub repo private.", group="output")
+
+    # --- bookkeeping (not flags) ---------------------------------------------------------------------------
+    preset: Optional[str] = opt(None, "Preset the defaults came from (face, style, object, custom).",
+                                group="general")
+    concept: Optional[str] = opt(None, "Concept type (face, style, object...); informational.", group="general",
+                                 cli=False)
+
+    # --------------------------------------------------------------------------------------------------------
+    @property
+    def tokens_per_abstraction(self) -> dict[str, list[str]]:
+        """``{"TOK": ["<s0>", "<s1>"], ...}``: the new tokens that replace each placeholder."""
+        out, i = {}, 0
+        for abst in self.abstractions:
+            out[abst] = [f"<s{i + k}>" for k in range(self.num_new_tokens_per_abstraction)]
+            i += self.num_new_tokens_per_abstraction
+        return out
+
+    @property
+    def abstractions(self) -> list[str]:
+        return [a.strip() for a in self.token_abstraction.split(",") if a.strip()]
+
+    @property
+    def run_name(self) -> str:
+        return self.output_name or os.path.basename(os.path.normpath(self.output_dir)) or "lora"
+
+    @property
+    def effective_text_lr(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else float(self.rank)
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        d = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = v.value if isinstance(v, Enum) else v
+        if redact:
+            d["hub_token"] = None  # secrets are never written anywhere
+        return d
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **{k: coerce_field(k, v) for k, v in changes.items()})
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(redact=True), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    # ----- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_sources(cls, preset: Optional[str] = None, config_file: Optional[str] = None,
+                     **overrides) -> "TrainConfig":
+        """defaults < preset < config file < overrides; then validated."""
+        values: dict[str, Any] = {}
+        file_values = load_config_file(config_file) if config_file else {}
+        preset = overrides.get("preset") or file_values.get("preset") or preset
+        if preset:
+            values.update(load_preset(preset))
+            values["preset"] = preset
+        values.update(file_values)
+        values.update({k: v for k, v in overrides.items()})
+        cfg = cls.from_dict(values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ConfigError([FieldError(k, values[k], f"unknown option{_suggest(k, known)}") for k in unknown])
+        errors, kwargs = [], {}
+        for k, v in values.items():
+            try:
+                kwargs[k] = coerce_field(k, v)
+            except FieldError as e:
+                errors.append(e)
+        if errors:
+            # Report the range/consistency problems of the other fields too: one message lists them all.
+            try:
+                cls(**kwargs).validate()
+            except ConfigError as more:
+                errors += [m for m in more.errors if m.name not in {x.name for x in errors}]
+            raise ConfigError(errors)
+        return cls(**kwargs)
+
+    # ----- validation ------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        errors: list[FieldError] = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            m = f.metadata
+            if v is None:
+                continue
+            if m.get("choices") is not None and v not in m["choices"]:
+                errors.append(FieldError(f.name, v, f"accepted: {', '.join(str(c) for c in m['choices'] if c)}"))
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if v != v or v in (float("inf"), float("-inf")):
+                    errors.append(FieldError(f.name, v, "must be a finite number"))
+                    continue
+                lo, hi = m.get("min"), m.get("max")
+                if lo is not None and (v < lo or (m.get("min_exclusive") and v == lo)):
+                    op = ">" if m.get("min_exclusive") else ">="
+                    errors.append(FieldError(f.name, v, f"must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")))
+                elif hi is not None and v > hi:
+                    errors.append(FieldError(f.name, v, f"must be <= {hi}"))
+        e = errors.append
+        if not self.pretrained_model_name_or_path or not str(self.pretrained_model_name_or_path).strip():
+            e(FieldError("pretrained_model_name_or_path", self.pretrained_model_name_or_path,
+                         "a Hub id, a local folder or tiny-sdxl is required"))
+        if not self.instance_data_dir and not self.dataset_name:
+            e(FieldError("instance_data_dir", None, "give --instance_data_dir (a folder of images) or --dataset_name"))
+        if self.instance_data_dir and self.dataset_name:
+            e(FieldError("dataset_name", self.dataset_name, "give either --dataset_name or --instance_data_dir, not both"))
+        if self.instance_data_dir and not os.path.isdir(self.instance_data_dir):
+            e(FieldError("instance_data_dir", self.instance_data_dir, "folder does not exist"))
+        if self.resolution is not None and self.resolution % 8:
+            e(FieldError("resolution", self.resolution, "must be a multiple of 8 (e.g. 512, 768, 1024)"))
+        if self.bucket_step % 8:
+            e(FieldError("bucket_step", self.bucket_step, "must be a multiple of 8"))
+        if self.train_text_encoder and self.train_text_encoder_ti:
+            e(FieldError("train_text_encoder", True,
+                         "choose one: --train_text_encoder (text-encoder LoRA) or --train_text_encoder_ti (pivotal)"))
+        if self.train_text_encoder_ti:
+            if not self.abstractions:
+                e(FieldError("token_abstraction", self.token_abstraction, "needs at least one placeholder, e.g. TOK"))
+            for a in self.abstractions:
+                if any(c.isspace() for c in a) or "<" in a or ">" in a:
+                    e(FieldError("token_abstraction", a, "a placeholder is one word without spaces or <>, e.g. TOK"))
+            if self.abstractions and not any(a in self.instance_prompt for a in self.abstractions) \
+                    and not self.caption_column and not self.instance_data_dir:
+                e(FieldError("instance_prompt", self.instance_prompt,
+                             f"must contain the placeholder {self.abstractions[0]} when pivotal tuning is on"))
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                e(FieldError("class_prompt", None, "required with --with_prior_preservation, e.g. 'a photo of a person'"))
+            if not self.class_data_dir:
+                e(FieldError("class_data_dir", None, "required with --with_prior_preservation (a folder; missing "
+                                                     "images are generated there)"))
+        if self.cache_latents and not self.center_crop and not self.aspect_buckets:
+            e(FieldError("cache_latents", True, "a cached latent holds one crop: use --center_crop or turn off "
+                                                "--cache_latents for random crops"))
+        if self.keep_tokens and not self.shuffle_tags:
+            e(FieldError("keep_tokens", self.keep_tokens, "only used with --shuffle_tags true"))
+        if self.push_to_hub and not self.hub_model_id:
+            e(FieldError("hub_model_id", None, "required with --push_to_hub, e.g. your-name/my-lora"))
+        if self.hub_model_id and (self.hub_model_id.count("/") > 1 or " " in self.hub_model_id):
+            e(FieldError("hub_model_id", self.hub_model_id, "must look like name or user/name"))
+        if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest" \
+                and not os.path.isdir(self.resume_from_checkpoint):
+            e(FieldError("resume_from_checkpoint", self.resume_from_checkpoint,
+                         "use 'latest' or an existing checkpoint folder"))
+        for name in ("lora_target_modules",):
+            if not [t for t in getattr(self, name).split(",") if t.strip()]:
+                e(FieldError(name, getattr(self, name), "needs at least one module name, e.g. to_q,to_k,to_v,to_out.0"))
+        if self.output_name and (os.sep in self.output_name or self.output_name.startswith(".")):
+            e(FieldError("output_name", self.output_name, "a plain file name without folders"))
+        if errors:
+            raise ConfigError(errors)
+        return self
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but very probably wrong (printed and emitted as notes)."""
+        w = []
+        opt_ = Optimizer(self.optimizer)
+        if opt_ == Optimizer.prodigy and self.learning_rate < 0.1:
+            w.append(f"--optimizer prodigy with --learning_rate {self.learning_rate}: Prodigy expects ~1.0 (it "
+                     "estimates the step size itself); a small value makes it barely learn.")
+        if opt_ == Optimizer.prodigy and self.text_encoder_lr is not None and self.text_encoder_lr < 0.1:
+            w.append(f"--optimizer prodigy with --text_encoder_lr {self.text_encoder_lr}: use ~1.0 with Prodigy.")
+        if opt_ in (Optimizer.adamw, Optimizer.adamw8bit) and self.learning_rate > 0.01:
+            w.append(f"--optimizer {opt_.value} with --learning_rate {self.learning_rate}: that is Prodigy's value; "
+                     "AdamW wants ~1e-4 (text: 3e-4 pivotal, 5e-5 full text encoder).")
+        if opt_ in (Optimizer.adamw, Optimizer.adamw8bit) and self.text_encoder_lr is not None \
+                and self.text_encoder_lr > 0.01:
+            w.append(f"--optimizer {opt_.value} with --text_encoder_lr {self.text_encoder_lr}: AdamW wants ~3e-4.")
+        if self.rank >= 64:
+            w.append(f"--rank {self.rank}: rank 64+ tends to over-smooth faces; 32 is the tested default.")
+        return w
+
+
+# ----------------------------------------------------------------------------------------------------------
+class FieldError(ValueError):
+    def __init__(self, name: str, value: Any, message: str):
+        self.name, self.value, self.message = name, value, message
+        super().__init__(f"--{name} {value!r}: {message}")
+
+
+class ConfigError(ValueError):
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {err}" for err in errors))
+
+    @property
+    def fields(self) -> list[str]:
+        return [e.name for e in self.errors]
+
+
+_TRUE = {"true", "1", "yes", "y", "on", "t"}
+_FALSE = {"false", "0", "no", "n", "off", "f"}
+
+
+def parse_bool(value: Any) -> bool:
+    """Real boolean parsing: 'False' is False (never ``bool("False")``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use true/false, 1/0, yes/no)")
+
+
+def _field_type(name: str):
+    hints = get_type_hints(TrainConfig)
+    t = hints[name]
+    optional = False
+    if get_origin(t) is Union:
+        args = [a for a in get_args(t) if a is not type(None)]
+        optional = len(args) < len(get_args(t))
+        t = args[0]
+    return t, optional
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """Converts a raw value (string from a flag, YAML scalar) to the field's type or raises FieldError."""
+    try:
+        t, optional = _field_type(name)
+    except KeyError:
+        raise FieldError(name, value, "unknown option")
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise FieldError(name, value, "a value is required")
+    try:
+        if t is bool:
+            return parse_bool(value)
+        if isinstance(t, type) and issubclass(t, Enum):
+            v = value.value if isinstance(value, Enum) else str(value).strip().lower()
+            if name == "optimizer" and v == "adamw8bit".lower():
+                v = "adamw8bit"
+            return t(v)
+        if t is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if t is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if t is str:
+            return str(value)
+    except ValueError:
+        t_name = t.__name__ if not (isinstance(t, type) and issubclass(t, Enum)) else "one of " + ", ".join(
+            m.value for m in t)
+        if t is bool:
+            t_name = "a boolean (true/false, 1/0, yes/no)"
+        raise FieldError(name, value, f"expected {t_name}")
+    return value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError([FieldError("config", path, "file does not exist")])
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([FieldError("config", path, f"cannot be parsed: {exc}")])
+    if not isinstance(data, dict):
+        raise ConfigError([FieldError("config", path, "must hold a mapping of option: value")])
+    return data
+
+
+def available_presets() -> list[str]:
+    if not os.path.isdir(PRESETS_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's values (data only: ``presets/<name>.yaml``, key ``values``)."""
+    path = os.path.join(PRESETS_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        raise ConfigError([FieldError("preset", name, f"accepted: {', '.join(available_presets())}")])
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    values = dict(data.get("values", {}))
+    values.setdefault("concept", data.get("concept", name))
+    return values
+
+
+def preset_info(name: str) -> dict[str, Any]:
+    path = os.path.join(PRESETS_DIR, f"{name}.yaml")
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def _suggest(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
