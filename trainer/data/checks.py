@@ -1,0 +1,255 @@
+"""Dataset checks shared by the CLI and the UI.
+
+:func:`check_dataset` returns a list of :class:`Problem` (empty for a clean dataset). Severities:
+
+* ``error``: training should not start (unreadable files, decompression bombs, images below half the training
+  resolution on the short side, fewer than ``min_images`` usable images);
+* ``warning``: training works but the result may suffer (image smaller than the resolution on the short side ->
+  it will be upscaled; exact or near duplicates; caption without the trigger word; caption longer than the text
+  encoder reads).
+
+Size rule: short side < ``resolution / 2`` -> error ``too_small``; short side < ``resolution`` -> warning
+``small_image`` ("will be upscaled").
+
+Duplicates: exact duplicates have the same decoded pixels (sha256 over size + RGB bytes, so a re-saved copy with
+different metadata is still caught); near duplicates have 64-bit dHashes within ``near_duplicate_threshold`` bits
+*and* similar average colours (so two flat images of different colours are not reported).
+
+Caption length: counted with ``tokenizer(caption)["input_ids"]`` when a tokenizer is given (BOS/EOS included, as
+HF tokenizers add them), otherwise estimated as words + punctuation marks + 2; the limit includes BOS/EOS.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from .images import ImageProblem, load_image
+
+__all__ = ["Problem", "check_dataset", "summarize", "has_errors", "dhash", "count_caption_tokens"]
+
+ERROR = "error"
+WARNING = "warning"
+_NEAR_DUP_MAX_COLOR_DIFF = 24.0  # mean abs difference (0..255) of 8x8 RGB thumbnails for a near duplicate
+
+
+@dataclass
+class Problem:
+    file: str  # "" for dataset-level problems
+    code: str
+    severity: str  # "error" | "warning"
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.message} Fix: {self.fix}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def dhash(image: Image.Image) -> int:
+    """64-bit difference hash: 9x8 grayscale thumbnail, one bit per horizontal neighbour comparison."""
+    small = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    value = 0
+    for b in bits:
+        value = (value << 1) | int(b)
+    return value
+
+
+def _thumb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+
+
+def _pixel_sha256(image: Image.Image) -> str:
+    h = hashlib.sha256()
+    h.update(f"{image.size[0]}x{image.size[1]}:{image.mode}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def count_caption_tokens(caption: str, tokenizer: Optional[Callable] = None) -> tuple[int, bool]:
+    """(token count including BOS/EOS, exact?). Uses the tokenizer when given and working, else an estimate."""
+    if tokenizer is not None:
+        try:
+            out: Any = tokenizer(caption)
+            ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else getattr(out, "input_ids",
+                                                                                               out)
+            if hasattr(ids, "tolist"):
+                ids = ids.tolist()
+            if ids and isinstance(ids[0], (list, tuple)):
+                ids = ids[0]
+            return len(ids), True
+        except Exception:  # noqa: BLE001 - a broken tokenizer must not break the checks
+            pass
+    return len(_WORD_RE.findall(caption)) + 2, False
+
+
+def _trigger_regex(trigger: str) -> "re.Pattern[str]":
+    words = [re.escape(w) for w in trigger.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def _attrs(rec: Any) -> tuple[str, Optional[str], str]:
+    if isinstance(rec, (str, os.PathLike)):
+        path = os.fspath(rec)
+        return path, None, os.path.basename(path)
+    path = os.fspath(getattr(rec, "path"))
+    caption = getattr(rec, "caption", None)
+    name = getattr(rec, "source_name", "") or os.path.basename(path)
+    return path, caption, name
+
+
+def check_dataset(
+    records: Iterable[Any],
+    resolution: int = 1024,
+    trigger: Optional[str] = "TOK",
+    min_images: int = 3,
+    max_caption_tokens: int = 77,
+    tokenizer: Optional[Callable] = None,
+    near_duplicate_threshold: int = 4,
+    max_pixels: int = 64_000_000,
+) -> list[Problem]:
+    """Check a dataset; ``records`` are ``Record``-like objects (``path``, ``caption``, ``source_name``) or paths.
+
+    Returns ``[]`` for a clean set. Codes: the :class:`ImageProblem` codes of unreadable files (``empty``,
+    ``truncated``, ``not_an_image``, ``decompression_bomb``, ``unsupported_format``, ...), ``too_small``,
+    ``small_image``, ``duplicate``, ``near_duplicate``, ``missing_trigger``, ``caption_too_long``,
+    ``too_few_images``.
+    """
+    problems: list[Problem] = []
+    trig = (trigger or "").strip()
+    trig_re = _trigger_regex(trig) if trig else None
+
+    good: list[tuple[str, str, int, np.ndarray]] = []  # (name, sha, dhash, thumb) of usable images
+    for rec in records:
+        path, caption, name = _attrs(rec)
+        # ---- image
+        try:
+            loaded = load_image(path, max_pixels=max_pixels)
+        except ImageProblem as e:
+            problems.append(Problem(name, e.code, ERROR, e.message.replace(f"'{os.path.basename(path)}'",
+                                                                           f"'{name}'"), e.fix))
+            loaded = None
+        if loaded is not None:
+            w, h = loaded.original_size
+            short = min(w, h)
+            usable = True
+            if short * 2 < resolution:
+                usable = False
+                problems.append(Problem(
+                    name, "too_small", ERROR,
+                    f"'{name}' is only {w}x{h}; its short side is below half the training resolution "
+                    f"({resolution} px), so it would be upscaled more than 2x and look blurry.",
+                    f"Use a larger original (at least {resolution} px on the short side), remove it, or train at "
+                    f"a lower resolution (at most {max(64, (2 * short) // 64 * 64)} px).",
+                ))
+            elif short < resolution:
+                problems.append(Problem(
+                    name, "small_image", WARNING,
+                    f"'{name}' is {w}x{h}; its short side is smaller than the training resolution "
+                    f"({resolution} px), so it will be upscaled and may look soft.",
+                    f"Use a larger original (at least {resolution} px on the short side) if you have one.",
+                ))
+            if usable:
+                img = loaded.image
+                good.append((name, _pixel_sha256(img), dhash(img), _thumb(img)))
+            loaded.image.close()
+        # ---- caption
+        if caption is not None:
+            if trig_re is not None and not trig_re.search(caption):
+                problems.append(Problem(
+                    name, "missing_trigger", WARNING,
+                    f"The caption of '{name}' does not contain the trigger word '{trig}'"
+                    + (" (the caption is empty)." if not caption.strip() else "."),
+                    f"Add '{trig}' to the caption (e.g. 'a photo of {trig}, ...') so the LoRA learns to respond "
+                    "to it.",
+                ))
+            n, exact = count_caption_tokens(caption, tokenizer)
+            if n > max_caption_tokens:
+                about = "" if exact else "about "
+                problems.append(Problem(
+                    name, "caption_too_long", WARNING,
+                    f"The caption of '{name}' has {about}{n} tokens; the text encoder reads at most "
+                    f"{max_caption_tokens} (including start/end tokens), so the end of the caption is ignored.",
+                    f"Shorten the caption to at most {max_caption_tokens - 2} tokens (roughly "
+                    f"{max(1, (max_caption_tokens - 2) * 3 // 4)} words); put the trigger word first.",
+                ))
+
+    # ---- duplicates
+    first_by_sha: dict[str, str] = {}
+    unique: list[tuple[str, int, np.ndarray]] = []
+    for name, sha, dh, thumb in good:
+        if sha in first_by_sha:
+            other = first_by_sha[sha]
+            problems.append(Problem(
+                name, "duplicate", WARNING,
+                f"'{name}' is an exact duplicate of '{other}' (same pixels).",
+                f"Remove '{name}' or '{other}'; duplicates make the LoRA over-learn that picture.",
+            ))
+        else:
+            first_by_sha[sha] = name
+            unique.append((name, dh, thumb))
+    if len(unique) > 1 and near_duplicate_threshold >= 0:
+        hashes = np.array([u[1] for u in unique], dtype=np.uint64)
+        for i in range(len(unique) - 1):
+            x = np.bitwise_xor(hashes[i + 1:], hashes[i])
+            dist = _popcount(x)
+            for k in np.nonzero(dist <= near_duplicate_threshold)[0]:
+                j = i + 1 + int(k)
+                color_diff = float(np.abs(unique[i][2] - unique[j][2]).mean())
+                if color_diff > _NEAR_DUP_MAX_COLOR_DIFF:
+                    continue
+                a, b = unique[i][0], unique[j][0]
+                problems.append(Problem(
+                    b, "near_duplicate", WARNING,
+                    f"'{b}' looks almost the same as '{a}' (hash distance {int(dist[k])} of 64).",
+                    f"Keep only one of '{a}' and '{b}' unless they differ in a way you want the LoRA to learn.",
+                ))
+
+    # ---- dataset size
+    n_good = len(unique)
+    if n_good < min_images:
+        problems.append(Problem(
+            "", "too_few_images", ERROR,
+            f"The dataset has {n_good} usable image{'s' if n_good != 1 else ''}; at least {min_images} are needed.",
+            f"Add more images (10-30 varied images work well) or fix the errors above.",
+        ))
+    return problems
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return np.array([bin(int(v)).count("1") for v in x], dtype=np.int64)  # pragma: no cover - numpy < 2
+
+
+def has_errors(problems: Iterable[Problem]) -> bool:
+    return any(p.severity == ERROR for p in problems)
+
+
+def summarize(problems: list[Problem]) -> str:
+    """Human-readable report for the CLI: a count line, then errors before warnings, each with its fix."""
+    if not problems:
+        return "Dataset check: no problems found."
+    errors = [p for p in problems if p.severity == ERROR]
+    warns = [p for p in problems if p.severity != ERROR]
+    lines = [f"Dataset check: {len(errors)} error{'s' if len(errors) != 1 else ''}, "
+             f"{len(warns)} warning{'s' if len(warns) != 1 else ''}."]
+    for p in errors + warns:
+        lines.append(f"{p.severity.upper():7} [{p.code}] {p.message}")
+        lines.append(f"        Fix: {p.fix}")
+    if errors:
+        lines.append("Fix the errors before training.")
+    return "\n".join(lines)
