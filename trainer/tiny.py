@@ -81,15 +81,10 @@ def _tokenizer(tmp: str):
 
     d = os.path.join(tmp, "_tok_src")
     n = _write_clip_tokenizer_files(d)
-    tok = CLIPTokenizer(
-        vocab_file=os.path.join(d, "vocab.json"),
-        merges_file=os.path.join(d, "merges.txt"),
-        model_max_length=77,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    # Loaded from vocab.json + merges.txt exactly as a Hub CLIP tokenizer folder is.
+    tok = CLIPTokenizer.from_pretrained(d, model_max_length=77)
+    if len(tok) != n:
+        raise RuntimeError(f"tiny tokenizer has {len(tok)} tokens, expected {n}")
     return tok, n
 
 

@@ -1,0 +1,134 @@
+"""Command line: ``python -m trainer --pretrained_model_name_or_path ... --instance_data_dir ...``.
+
+Flags are generated from ``TrainConfig`` fields, so they are exactly diffusers' advanced-script names. Booleans
+accept ``--flag`` (true), ``--flag true|false|1|0|yes|no``. Flags of the advanced script that make no sense here
+are accepted with a one-line note; an unknown flag is an error that suggests the nearest known one.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import threading
+from dataclasses import fields
+from enum import Enum
+
+from .config import ConfigError, FieldError, TrainConfig, _field_type, available_presets
+
+# Flags of diffusers' script accepted for compatibility, with why they change nothing here.
+IGNORED_FLAGS = {
+    "enable_xformers_memory_efficient_attention": "PyTorch SDPA attention is always used",
+    "local_rank": "the process rank comes from accelerate/torchrun",
+    "set_grads_to_none": "gradients are always set to None",
+    "validation_epochs": "use --validation_steps (samples are rendered every N steps)",
+    "class_labels_conditioning": "not used by SD/SDXL UNets",
+    "with_tracking": "use --report_to",
+}
+IGNORED_BOOL = {"enable_xformers_memory_efficient_attention", "set_grads_to_none"}
+# Flags that are spelled differently in the advanced script or in older versions.
+ALIASES = {"random_crop": None, "center_crop": "center_crop", "output_name": "output_name"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer", allow_abbrev=False,
+        description="DreamBooth LoRA with pivotal tuning for SDXL / SD 1.x / SD 2.x.")
+    p.add_argument("--preset", choices=available_presets(), help="Fill defaults from presets/<name>.yaml "
+                   "(explicit flags win).")
+    p.add_argument("--config", help="YAML or JSON file of option: value (flags win).")
+    p.add_argument("--random_crop", nargs="?", const="true", default=None,
+                   help="Random crops (the opposite of --center_crop).")
+    for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True) or f.name == "preset":
+            continue
+        t, _ = _field_type(f.name)
+        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
+        if t is bool:
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        elif isinstance(t, type) and issubclass(t, Enum):
+            kw.update(metavar="{" + ",".join(m.value for m in t) + "}")
+        p.add_argument(f"--{f.name}", **kw)
+    for name, why in IGNORED_FLAGS.items():
+        if name in IGNORED_BOOL:
+            p.add_argument(f"--{name}", dest=f"_ignored_{name}", nargs="?", const="true", default=None,
+                           help=argparse.SUPPRESS)
+        else:
+            p.add_argument(f"--{name}", dest=f"_ignored_{name}", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _known_flags(parser) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
+    """(config, notes). Raises ConfigError (bad values) or SystemExit (unknown flags)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        msgs = []
+        for u in unknown:
+            if u.startswith("--"):
+                flag = u.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, _known_flags(parser), n=1, cutoff=0.6)
+                msgs.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+            else:
+                msgs.append(f"unexpected argument {u!r}")
+        parser.error("; ".join(msgs))
+    notes = []
+    overrides = {}
+    for k, v in vars(args).items():
+        if v is None or k in ("preset", "config", "random_crop"):
+            continue
+        if k.startswith("_ignored_"):
+            name = k[len("_ignored_"):]
+            notes.append(f"note: --{name} is accepted for compatibility and has no effect ({IGNORED_FLAGS[name]})")
+            continue
+        overrides[k] = v
+    if args.random_crop is not None:
+        from .config import parse_bool
+
+        try:
+            overrides["center_crop"] = not parse_bool(args.random_crop)
+        except ValueError as exc:
+            raise ConfigError([FieldError("random_crop", args.random_crop, str(exc))])
+    cfg = TrainConfig.from_sources(preset=args.preset, config_file=args.config, **overrides)
+    return cfg, notes
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, notes = parse_config(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for n in notes + cfg.warnings():
+        print(n, file=sys.stderr)
+    from .loop import TrainingError, train
+    from .progress import CliProgress
+
+    stop = threading.Event()
+    progress = CliProgress()
+    try:
+        result = train(cfg, on_event=progress, stop=stop)
+    except KeyboardInterrupt:
+        progress.close()
+        print("interrupted: the last checkpoint is kept; resume with --resume_from_checkpoint latest",
+              file=sys.stderr)
+        return 130
+    except TrainingError as exc:
+        progress.close()
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.advice:
+            print(f"advice: {exc.advice}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # model loading, dataset problems...
+        progress.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    progress.close()
+    print(f"done: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
+    for k, v in result.artifacts.items():
+        print(f"  {k}: {v}")
+    return 0

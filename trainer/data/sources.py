@@ -1,0 +1,104 @@
+"""Where training images come from: a folder (captions from .txt sidecars or --instance_prompt), a local
+ImageFolder with metadata.jsonl, or a Hub dataset through ``datasets``. Bad files are reported one by one and
+skipped; the good ones go on."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from PIL import Image, ImageOps
+
+from .images import ImageProblem, load_image
+from .ingest import IngestProblem, collect_dataset
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used at all (no usable image, unknown column...)."""
+
+
+@dataclass
+class TrainItem:
+    index: int
+    name: str                      # shown to the user and used in messages
+    caption: str                   # raw caption (may contain the placeholder TOK)
+    size: tuple[int, int]          # (width, height) after EXIF rotation
+    path: Optional[str] = None     # image file, or None for in-memory (Hub) images
+    image: Optional[Image.Image] = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    def load(self) -> Image.Image:
+        if self.image is not None:
+            return self.image
+        return load_image(self.path).image
+
+
+def _from_records(records, instance_prompt: str, problems: list) -> list[TrainItem]:
+    items = []
+    for rec in records:
+        try:
+            loaded = load_image(rec.path)
+        except ImageProblem as exc:
+            problems.append(IngestProblem(rec.source_name or os.path.basename(rec.path), exc.code, exc.message,
+                                          exc.fix))
+            continue
+        caption = rec.caption if rec.caption is not None and rec.caption.strip() else instance_prompt
+        items.append(TrainItem(index=len(items), name=rec.source_name or os.path.basename(rec.path),
+                               caption=caption.strip(), size=loaded.original_size, path=rec.path,
+                               notes=loaded.notes))
+    return items
+
+
+def _from_hub(cfg, problems: list) -> list[TrainItem]:
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir, split="train")
+    except Exception as exc:
+        raise DatasetError(
+            f"--dataset_name {cfg.dataset_name!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
+            "For a local ImageFolder give the folder path; for the Hub check the name and your connection.") from None
+    columns = list(ds.column_names)
+    if cfg.image_column not in columns:
+        raise DatasetError(f"--image_column {cfg.image_column!r} is not in the dataset; columns: {columns}")
+    if cfg.caption_column and cfg.caption_column not in columns:
+        raise DatasetError(f"--caption_column {cfg.caption_column!r} is not in the dataset; columns: {columns}")
+    items = []
+    for i, row in enumerate(ds):
+        img = row[cfg.image_column]
+        if not isinstance(img, Image.Image):
+            problems.append(IngestProblem(f"row {i}", "not_an_image", f"row {i}: column {cfg.image_column!r} is "
+                                          "not an image", "check --image_column"))
+            continue
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        caption = row[cfg.caption_column] if cfg.caption_column else None
+        caption = caption if isinstance(caption, str) and caption.strip() else cfg.instance_prompt
+        items.append(TrainItem(index=len(items), name=f"row {i}", caption=caption.strip(), size=img.size,
+                               image=img))
+    return items
+
+
+def load_items(cfg) -> tuple[list[TrainItem], list[IngestProblem]]:
+    """The training images of a config, with one problem per file that could not be used."""
+    problems: list[IngestProblem] = []
+    folder = cfg.instance_data_dir or (cfg.dataset_name if cfg.dataset_name and os.path.isdir(cfg.dataset_name)
+                                       else None)
+    if folder:
+        image_column = "file_name" if cfg.image_column in ("image", None) else cfg.image_column
+        records, problems = collect_dataset(folder, caption_column=cfg.caption_column or "text",
+                                            image_column=image_column)
+        items = _from_records(records, cfg.instance_prompt, problems)
+    else:
+        items = _from_hub(cfg, problems)
+    if not items:
+        detail = "; ".join(str(p) for p in problems[:5])
+        raise DatasetError(f"no usable training image was found{': ' + detail if detail else ''}. "
+                           "Add JPEG/PNG/WebP images to the folder.")
+    return items, problems
+
+
+def load_class_items(folder: str) -> list[TrainItem]:
+    from .ingest import collect_folder
+
+    records, _ = collect_folder(folder)
+    return _from_records(records, "", [])

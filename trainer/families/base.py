@@ -1,0 +1,71 @@
+"""What every model family provides: loading, prompt encoding, conditioning, pipelines, export names.
+
+A family is registered once (``families/__init__.py``) and looked up by name or detected from the model's
+``model_index.json``. The training loop only talks to this interface, so SDXL and SD 1.x/2.x share one loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Components:
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    model_path: str
+    vae_path: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+class ModelFamily:
+    name: str = ""
+    pipeline_class_names: tuple[str, ...] = ()
+    text_encoder_attrs: tuple[str, ...] = ()
+    tokenizer_attrs: tuple[str, ...] = ()
+    embedding_keys: tuple[str, ...] = ()          # keys of <name>_emb.safetensors, one per text encoder
+    kohya_te_prefixes: tuple[str, ...] = ()       # kohya key prefixes, one per text encoder
+    uses_time_ids: bool = False
+
+    # ----- loading -----------------------------------------------------------------------------------------
+    def load(self, model_path: str, *, revision=None, variant=None, vae_path=None, cache_dir=None,
+             dtype=torch.float32) -> Components:
+        raise NotImplementedError
+
+    def default_resolution(self, components: Components) -> int:
+        size = getattr(components.vae.config, "sample_size", None)
+        return int(size) if size else 512
+
+    def pipeline_class(self):
+        raise NotImplementedError
+
+    def build_pipeline(self, components: Components, scheduler=None):
+        raise NotImplementedError
+
+    # ----- conditioning ------------------------------------------------------------------------------------
+    def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
+        out = []
+        for tok in components.tokenizers:
+            out.append(tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids)
+        return out
+
+    def encode(self, components: Components, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(prompt_embeds [B, 77, D], pooled [B, P] or None)."""
+        raise NotImplementedError
+
+    def added_conditioning(self, pooled, original_sizes, crops, target_sizes, device, dtype) -> Optional[dict]:
+        return None

@@ -1,0 +1,70 @@
+"""Stable Diffusion XL: two CLIP text encoders (ViT-L 768 + OpenCLIP bigG 1280 with projection), a
+``text_time`` UNet conditioned on pooled text and six micro-conditioning numbers per image."""
+from __future__ import annotations
+
+import torch
+
+from .base import Components, ModelFamily
+from .loading import wrap_load_error
+
+
+class SDXLFamily(ModelFamily):
+    name = "sdxl"
+    pipeline_class_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    tokenizer_attrs = ("tokenizer", "tokenizer_2")
+    embedding_keys = ("clip_l", "clip_g")
+    kohya_te_prefixes = ("lora_te1", "lora_te2")
+    uses_time_ids = True
+
+    def load(self, model_path, *, revision=None, variant=None, vae_path=None, cache_dir=None,
+             dtype=torch.float32) -> Components:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        kw = dict(revision=revision, cache_dir=cache_dir)
+        try:
+            tok1 = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer", use_fast=False, **kw)
+            tok2 = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", use_fast=False, **kw)
+            te1 = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=variant,
+                                                torch_dtype=dtype, **kw)
+            te2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2",
+                                                              variant=variant, torch_dtype=dtype, **kw)
+            unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=variant,
+                                                        torch_dtype=dtype, **kw)
+            if vae_path:
+                vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir)
+            else:
+                vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=variant, **kw)
+            sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+        except Exception as exc:
+            raise wrap_load_error(model_path, exc) from None
+        return Components(unet=unet, vae=vae, text_encoders=[te1, te2], tokenizers=[tok1, tok2],
+                          noise_scheduler=sched, model_path=model_path, vae_path=vae_path)
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def build_pipeline(self, c: Components, scheduler=None):
+        from diffusers import EulerDiscreteScheduler
+
+        scheduler = scheduler or EulerDiscreteScheduler.from_config(c.noise_scheduler.config)
+        return self.pipeline_class()(
+            vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+            tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.unet, scheduler=scheduler)
+
+    def encode(self, c: Components, input_ids):
+        embeds, pooled = [], None
+        for te, ids in zip(c.text_encoders, input_ids):
+            out = te(ids.to(te.device), output_hidden_states=True)
+            pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
+            embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    def added_conditioning(self, pooled, original_sizes, crops, target_sizes, device, dtype):
+        # time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image
+        rows = [list(o) + list(cr) + list(t) for o, cr, t in zip(original_sizes, crops, target_sizes)]
+        time_ids = torch.tensor(rows, device=device, dtype=dtype)
+        return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}

@@ -1,0 +1,50 @@
+"""The CLI's view of the event stream: a tqdm bar with loss, lr and Prodigy's d*lr, and one line per phase."""
+from __future__ import annotations
+
+import sys
+
+from .events import Event
+
+
+class CliProgress:
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.bar = None
+
+    def __call__(self, ev: Event) -> None:
+        from tqdm import tqdm
+
+        t = ev.type
+        if t == "started":
+            for n in ev.notes:
+                print(f"note: {n}", file=self.stream)
+            self.bar = tqdm(total=ev.total_steps, initial=ev.start_step, desc="training", unit="step",
+                            file=self.stream, dynamic_ncols=True)
+        elif t == "step" and self.bar is not None:
+            self.bar.update(ev.step - self.bar.n)
+            post = {"lr": f"{ev.lr:.3g}"}
+            if ev.loss is not None:
+                post["loss"] = f"{ev.loss:.4f}"
+            if ev.d_lr is not None:
+                post["d*lr"] = f"{ev.d_lr:.3g}"
+            self.bar.set_postfix(post, refresh=False)
+        elif t == "status":
+            msg = f"[{ev.phase}] {ev.message}"
+            (self.bar.write(msg) if self.bar is not None else print(msg, file=self.stream))
+        elif t == "checkpoint":
+            self._write(f"checkpoint saved: {ev.path}")
+        elif t == "sample":
+            self._write(f"samples at step {ev.step}: {', '.join(ev.images)}")
+        elif t == "failed":
+            self._write(f"failed: {ev.error}")
+
+    def _write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, file=self.stream)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,32 @@
+"""Sample images during and after training, always with the learnt tokens in place."""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+
+@torch.no_grad()
+def render_samples(family, components, *, prompt: str, num_images: int, steps: int, guidance: float,
+                   resolution: int, seed: int, out_dir: str, tag: str, device, autocast=None) -> list[str]:
+    """Renders ``num_images`` images of ``prompt`` (placeholders already replaced) and returns their paths."""
+    pipe = family.build_pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = components.unet.training
+    components.unet.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with (autocast or nullcontext)():
+            for i in range(num_images):
+                image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                             width=resolution, generator=gen).images[0]
+                path = os.path.join(out_dir, f"{tag}-{i}.png")
+                image.save(path)
+                paths.append(path)
+    finally:
+        if was_training:
+            components.unet.train()
+    return paths
