@@ -115,12 +115,10 @@ class Trainer:
         self.log.emit(Status(phase=phase, message=message, current=current, total=total))
 
     def run(self) -> RunResult:
-        cfg = self.cfg
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.accelerator = acc = _accelerator(cfg, self.run_dir)
-        self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event, enabled=acc.is_main_process)
+        self.open()
         try:
-            return self._run()
+            self.setup()
+            return self._loop(self.step, self.total)
         except TrainingStopped:
             raise
         except Exception as exc:
@@ -139,7 +137,16 @@ class Trainer:
                 self.accelerator.end_training()
 
     # ------------------------------------------------------------------------------------------------------
-    def _run(self) -> RunResult:
+    def open(self) -> "Trainer":
+        """Creates the accelerator and event log (``run()`` does this; tests call it before ``setup()``)."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.accelerator = _accelerator(self.cfg, self.run_dir)
+        self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event,
+                            enabled=self.accelerator.is_main_process)
+        return self
+
+    def setup(self) -> None:
+        """Everything before the first step: data, model, adapters, optimizer, resume, caches."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -287,7 +294,6 @@ class Trainer:
         if acc.is_main_process and log_trackers(cfg):
             acc.init_trackers("lora-studio", config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
-        return self._loop(start, total, per_epoch)
 
     # ------------------------------------------------------------------------------------------------------
     def _text_should_train(self, step: int) -> bool:
@@ -461,7 +467,7 @@ class Trainer:
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
-    def _loop(self, start: int, total: int, per_epoch: int) -> RunResult:
+    def _loop(self, start: int, total: int) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         accum = cfg.gradient_accumulation_steps
