@@ -339,12 +339,12 @@ class TrainConfig:
         if self.train_text_encoder and self.train_text_encoder_ti:
             e(FieldError("train_text_encoder", True,
                          "choose one: --train_text_encoder (text-encoder LoRA) or --train_text_encoder_ti (pivotal)"))
+        for a in self.abstractions:
+            if any(c.isspace() for c in a) or "<" in a or ">" in a:
+                e(FieldError("token_abstraction", a, "a placeholder is one word without spaces or <>, e.g. TOK"))
         if self.train_text_encoder_ti:
             if not self.abstractions:
                 e(FieldError("token_abstraction", self.token_abstraction, "needs at least one placeholder, e.g. TOK"))
-            for a in self.abstractions:
-                if any(c.isspace() for c in a) or "<" in a or ">" in a:
-                    e(FieldError("token_abstraction", a, "a placeholder is one word without spaces or <>, e.g. TOK"))
             if self.abstractions and not any(a in self.instance_prompt for a in self.abstractions) \
                     and not self.caption_column and not self.instance_data_dir:
                 e(FieldError("instance_prompt", self.instance_prompt,
@@ -355,7 +355,7 @@ class TrainConfig:
             if not self.class_data_dir:
                 e(FieldError("class_data_dir", None, "required with --with_prior_preservation (a folder; missing "
                                                      "images are generated there)"))
-        if self.cache_latents and not self.center_crop and not self.aspect_buckets:
+        if self.cache_latents and not self.center_crop:
             e(FieldError("cache_latents", True, "a cached latent holds one crop: use --center_crop or turn off "
                                                 "--cache_latents for random crops"))
         if self.keep_tokens and not self.shuffle_tags:
