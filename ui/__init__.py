@@ -1,0 +1,156 @@
+"""The Gradio UI of the LoRA studio: one module per tab, wired together by :func:`build_app`.
+
+``app.py`` only parses flags and calls :func:`build_app` then ``demo.launch(**launch_kwargs)``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import gradio as gr
+
+from .jobs import JobManager
+from .sessions import SessionFileGuard, Workspaces, valid_session_id
+
+TINY_DEFAULT = "tiny-sdxl"
+SDXL_DEFAULT = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+class EngineHolder:
+    """One shared generation engine (``trainer.inference.Engine``), created on first use."""
+
+    def __init__(self):
+        self._engine = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._engine is None:
+                from trainer.inference import Engine
+
+                self._engine = Engine()
+            return self._engine
+
+    def release(self) -> None:
+        with self._lock:
+            eng = self._engine
+        if eng is not None:
+            try:
+                eng.release()
+            except Exception:
+                pass
+
+
+@dataclass
+class AppContext:
+    workspaces: Workspaces
+    jobs: JobManager
+    engine: EngineHolder
+    cuda: bool = False
+    ws_state: Any = None  # gr.State holding the workspace id of this browser session
+    components: dict = field(default_factory=dict)
+
+    def sid(self, ws: Optional[str], request) -> str:
+        """The workspace id of a call: the one the page loaded with, else the Gradio session hash."""
+        if ws and valid_session_id(ws):
+            return ws
+        sh = getattr(request, "session_hash", None) if request is not None else None
+        if not sh or not valid_session_id(sh):
+            raise ValueError("no session: reload the page")
+        return sh
+
+
+def _release_captioners() -> None:
+    try:
+        import captioning
+
+        captioning.release_all()
+    except Exception:
+        pass
+
+
+CSS = """
+#ls-progress .bar {height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden;}
+#ls-progress .fill {height: 100%; background: var(--color-accent); transition: width .4s;}
+#ls-progress .txt {margin-top: 4px; font-variant-numeric: tabular-nums;}
+.ls-notice {padding: 8px 12px; border-radius: 8px; background: var(--color-accent-soft);}
+footer {display: none !important;}
+"""
+
+
+def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every_s: float = 600):
+    """Returns ``(demo, launch_kwargs)``."""
+    from . import dataset_tab, generate_tab, publish_tab, train_tab
+    from .theme import make_theme
+
+    workspaces = Workspaces(root, max_idle_s=max_idle_s)
+    engine = EngineHolder()
+    jobs = JobManager(before_train=[_release_captioners, engine.release])
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda())
+    workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
+
+    with gr.Blocks(title="LoRA studio") as demo:
+        ctx.ws_state = gr.State(None)
+        browser_ws = gr.BrowserState(None, storage_key="lora-studio-workspace")
+        gr.Markdown("# LoRA studio\nA few photos in, a Stable Diffusion LoRA out: **Dataset → Train → Generate → "
+                    "Publish**.")
+        with gr.Row():
+            ctx.components["concept"] = gr.Dropdown(
+                ["face", "style", "object", "custom"], value="face", label="Concept type",
+                info="Sets the caption template and every training setting (Train → Advanced).",
+                elem_id="ls-concept", scale=2)
+            ctx.components["trigger"] = gr.Textbox(
+                "TOK", label="Trigger word", info="Put it in your prompts to call up what was learnt.",
+                elem_id="ls-trigger", scale=1)
+        ctx.components["base_model"] = gr.Dropdown(
+            [SDXL_DEFAULT, "stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny-sdxl", "tiny-sd"],
+            value=SDXL_DEFAULT if ctx.cuda else TINY_DEFAULT, allow_custom_value=True, label="Base model",
+            info="A Hub id or a local diffusers folder; tiny-sdxl / tiny-sd are offline demo models.",
+            elem_id="ls-base-model", render=False, scale=3)
+        with gr.Tabs():
+            with gr.Tab("Dataset", id="dataset"):
+                ds = dataset_tab.build(ctx)
+            with gr.Tab("Train", id="train"):
+                tr = train_tab.build(ctx)
+            with gr.Tab("Generate", id="generate") as gen_tab:
+                gen = generate_tab.build(ctx)
+            with gr.Tab("Publish", id="publish") as pub_tab:
+                pub = publish_tab.build(ctx)
+        gen_tab.select(*gen["refresh"], api_visibility="private")
+        pub_tab.select(*pub["refresh"], api_visibility="private")
+
+        def on_load(saved, request: gr.Request):
+            sid = saved if (saved and workspaces.exists(saved)) else request.session_hash
+            workspaces.session_dir(sid)
+            return sid, sid
+
+        load_ev = demo.load(on_load, inputs=[browser_ws], outputs=[ctx.ws_state, browser_ws],
+                            api_visibility="private")
+        # Each tab refreshes itself from the workspace once the id is known (re-attaches a running training).
+        for tab in (ds, tr, gen, pub):
+            tab["on_load"](load_ev)
+
+    guard_root = workspaces.sessions_root
+    from starlette.middleware import Middleware
+
+    launch_kwargs = dict(
+        theme=make_theme(),
+        css=CSS,
+        allowed_paths=[guard_root],
+        app_kwargs={"middleware": [Middleware(SessionFileGuard, protected=guard_root)]},
+        footer_links=["api"],
+    )
+    demo.queue(default_concurrency_limit=4)
+    demo.ls_context = ctx  # for tests and debugging
+    return demo, launch_kwargs

@@ -1,0 +1,288 @@
+"""Dataset tab: upload images or a zip, see thumbnails, edit one caption per image, auto-caption, check."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import gradio as gr
+import pandas as pd
+
+from trainer.config import preset_info
+from trainer.data.buckets import bucket_histogram
+from trainer.data.checks import check_dataset
+from trainer.data.images import ImageProblem, is_image_name, load_image
+from trainer.data.ingest import (IngestProblem, Record, read_metadata_jsonl, safe_extract_zip, safe_filename,
+                                 write_metadata_jsonl)
+
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
+PROBLEMS_FILE = ".upload_problems.json"
+TABLE_HEADERS = ["file", "caption"]
+PROBLEM_HEADERS = ["file", "severity", "message", "fix"]
+
+
+# ----- dataset on disk ----------------------------------------------------------------------------------------
+def list_images(folder: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        for f in sorted(filenames):
+            if not f.startswith(".") and is_image_name(f):
+                out.append(os.path.join(dirpath, f))
+    return out
+
+
+def read_records(folder: str) -> list[Record]:
+    """Every image of the folder with its caption (metadata.jsonl first, then a .txt sidecar)."""
+    caps: dict[str, str] = {}
+    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
+        recs, _ = read_metadata_jsonl(folder)
+        caps = {os.path.realpath(r.path): r.caption for r in recs if r.caption is not None}
+    records = []
+    for p in list_images(folder):
+        cap = caps.get(os.path.realpath(p))
+        if cap is None:
+            txt = os.path.splitext(p)[0] + ".txt"
+            if os.path.isfile(txt):
+                try:
+                    with open(txt, encoding="utf-8", errors="replace") as f:
+                        cap = f.read(64 * 1024).strip()
+                except OSError:
+                    cap = None
+        records.append(Record(p, cap or "", os.path.relpath(p, folder).replace(os.sep, "/")))
+    return records
+
+
+def save_records(folder: str, records: list[Record]) -> None:
+    write_metadata_jsonl(folder, records)
+
+
+def load_problems(folder: str) -> list[dict]:
+    try:
+        with open(os.path.join(folder, PROBLEMS_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return []
+
+
+def save_problems(folder: str, problems: list[dict]) -> None:
+    with open(os.path.join(folder, PROBLEMS_FILE), "w", encoding="utf-8") as f:
+        json.dump(problems[-200:], f)
+
+
+def table_of(records: list[Record]) -> pd.DataFrame:
+    return pd.DataFrame([[r.source_name, r.caption or ""] for r in records], columns=TABLE_HEADERS)
+
+
+def gallery_of(records: list[Record]) -> list[tuple[str, str]]:
+    return [(r.path, r.source_name) for r in records]
+
+
+def problems_table(problems: list[dict]) -> pd.DataFrame:
+    rows = [[p.get("file", ""), p.get("severity", "error"), p.get("message", ""), p.get("fix", "")] for p in problems]
+    return pd.DataFrame(rows, columns=PROBLEM_HEADERS)
+
+
+def ingest_files(paths: list[str], dest: str) -> tuple[list[str], list[dict]]:
+    """Copies good images (and extracts zips) into ``dest``; bad files give one problem each and are dropped."""
+    added, problems = [], []
+    taken = {n.lower() for n in os.listdir(dest)}
+    for src in paths or []:
+        src = src if isinstance(src, str) else getattr(src, "name", str(src))
+        shown = os.path.basename(src)
+        if shown.lower().endswith(".zip"):
+            res = safe_extract_zip(src, dest)
+            problems += [dict(p.to_dict(), severity="error") for p in res.problems]
+            for p in res.extracted:
+                if not is_image_name(p):
+                    continue
+                try:
+                    load_image(p)
+                    added.append(p)
+                except ImageProblem as e:
+                    problems.append({"file": f"{shown}: {os.path.relpath(p, dest)}", "code": e.code,
+                                     "severity": "error", "message": e.message, "fix": e.fix})
+                    _unlink(p)
+            taken = {n.lower() for n in os.listdir(dest)}
+            continue
+        try:
+            load_image(src)
+        except ImageProblem as e:
+            problems.append({"file": shown, "code": e.code, "severity": "error", "message": e.message, "fix": e.fix})
+            continue
+        name = safe_filename(shown, taken=taken)
+        taken.add(name.lower())
+        target = os.path.join(dest, name)
+        shutil.copyfile(src, target)
+        added.append(target)
+    return added, problems
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def caption_template(concept: str) -> tuple[str, str]:
+    """(concept understood by the captioner, template with {caption}/{trigger}) for a preset."""
+    try:
+        tmpl = preset_info(concept).get("caption_template")
+    except OSError:
+        tmpl = None
+    if tmpl:
+        tmpl = tmpl.replace("TOK", "{trigger}")
+    cap_concept = concept if concept in ("face", "object", "style", "character") else "object"
+    return cap_concept, tmpl
+
+
+def resolution_for(base_model: str) -> int:
+    from trainer.tiny import TINY_RESOLUTION, is_tiny
+
+    if is_tiny(base_model):
+        return TINY_RESOLUTION
+    low = (base_model or "").lower()
+    return 1024 if ("xl" in low or not low) else 512
+
+
+# ----- the tab --------------------------------------------------------------------------------------------------
+def build(ctx) -> dict:
+    ws = ctx.ws_state
+    concept = ctx.components["concept"]
+    trigger = ctx.components["trigger"]
+
+    gr.Markdown("Add **3-150 photos** of your subject (drag and drop many files, or one .zip). Bad files are "
+                "listed one by one; the good ones are kept.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            upload = gr.File(label="Images or a .zip", file_count="multiple", type="filepath",
+                             elem_id="ls-upload", height=140)
+            upload_msg = gr.Markdown("", elem_id="ls-upload-msg")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Your images", columns=6, height=260, object_fit="cover",
+                                 elem_id="ls-gallery", allow_preview=True)
+    with gr.Row():
+        cap_model = gr.Textbox(DEFAULT_CAPTION_MODEL, label="Captioning model",
+                               info="Any Hub or local image-to-text model id. Offline demo: tiny-blip.",
+                               elem_id="ls-caption-model", scale=3)
+        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1)
+        caption_btn = gr.Button("Auto-caption", variant="primary", elem_id="ls-autocaption", scale=1)
+    table = gr.Dataframe(value=pd.DataFrame(columns=TABLE_HEADERS), headers=TABLE_HEADERS, column_count=2,
+                         static_columns=[0], interactive=True, wrap=True, label="Captions (click a caption to edit)",
+                         elem_id="ls-captions", column_widths=["28%", "72%"], max_height=360)
+    with gr.Row():
+        save_btn = gr.Button("Save captions", size="sm")
+        check_btn = gr.Button("Check dataset", variant="secondary", elem_id="ls-check")
+        clear_btn = gr.Button("Remove all images", size="sm", variant="stop")
+    check_msg = gr.Markdown("", elem_id="ls-check-msg")
+    with gr.Row():
+        problems = gr.Dataframe(value=pd.DataFrame(columns=PROBLEM_HEADERS), headers=PROBLEM_HEADERS,
+                                interactive=False, wrap=True, label="Problems", elem_id="ls-problems", scale=3)
+        hist = gr.BarPlot(pd.DataFrame({"bucket": [], "images": []}), x="bucket", y="images",
+                          label="Aspect buckets", elem_id="ls-buckets", scale=2, height=240)
+
+    def refresh(ws_id, request: gr.Request):
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        recs = read_records(folder)
+        return gallery_of(recs), table_of(recs)
+
+    def on_upload(files, ws_id, request: gr.Request):
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        before = {r.path: r.caption for r in read_records(folder)}
+        added, probs = ingest_files(files or [], folder)
+        recs = read_records(folder)
+        for r in recs:  # keep the captions the user already had
+            if r.path in before and before[r.path]:
+                r.caption = before[r.path]
+        save_records(folder, recs)
+        save_problems(folder, probs)
+        lines = [f"Added **{len(added)}** image(s); the dataset has **{len(recs)}**."]
+        if probs:
+            lines.append(f"**{len(probs)} file(s) skipped:**")
+            lines += [f"- `{p['file']}`: {p['message']} *Fix:* {p['fix']}" for p in probs]
+        return None, gallery_of(recs), table_of(recs), "\n".join(lines), problems_table(probs)
+
+    def on_caption(model, concept, trigger, overwrite, ws_id, request: gr.Request, progress=gr.Progress()):
+        concept_v, trigger_v, overwrite_v = concept, trigger, overwrite
+        from captioning import caption as run_caption
+        from captioning.base import CaptionerLoadError
+
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        recs = read_records(folder)
+        todo = [r for r in recs if overwrite_v or not (r.caption or "").strip()]
+        if not recs:
+            raise gr.Error("Upload some images first.")
+        if ctx.jobs.busy():
+            gr.Warning("A training is running: captioning shares the machine and will be slower.")
+        cap_concept, tmpl = caption_template(concept_v)
+        progress(0, desc="Loading the captioning model...")
+        try:
+            caps = run_caption([r.path for r in todo], model=(model or DEFAULT_CAPTION_MODEL).strip(),
+                               concept=cap_concept, trigger=(trigger_v or "TOK").strip(), template=tmpl,
+                               on_progress=lambda d, t: progress((d, t), desc="Captioning", unit="images"))
+        except CaptionerLoadError as e:
+            raise gr.Error(f"{e} (Offline? Use the tiny demo captioner: tiny-blip.)")
+        for r, c in zip(todo, caps):
+            r.caption = c
+        save_records(folder, recs)
+        return table_of(recs), f"Captioned {len(todo)} image(s) with `{model}`."
+
+    def on_save(captions, ws_id, request: gr.Request):
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        recs = read_records(folder)
+        df = captions
+        by_name = {}
+        if df is not None and len(df):
+            for row in df.itertuples(index=False):
+                by_name[str(row[0])] = "" if row[1] is None or (isinstance(row[1], float) and row[1] != row[1]) \
+                    else str(row[1]).strip()
+        for r in recs:
+            if r.source_name in by_name:
+                r.caption = by_name[r.source_name]
+        save_records(folder, recs)
+        return f"Saved {len(recs)} caption(s) to metadata.jsonl."
+
+    def on_check(base_model, trigger, ws_id, request: gr.Request):
+        trigger_v = trigger
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        recs = read_records(folder)
+        res = resolution_for(base_model)
+        found = [dict(p.to_dict()) for p in check_dataset(recs, resolution=res, trigger=(trigger_v or "TOK"))]
+        found = load_problems(folder) + found
+        sizes = []
+        for r in recs:
+            try:
+                sizes.append(load_image(r.path).original_size)
+            except ImageProblem:
+                pass
+        h = bucket_histogram(sizes, res, step=max(8, res // 16) if res < 512 else 64)
+        errors = sum(1 for p in found if p.get("severity") == "error")
+        warns = len(found) - errors
+        if not found:
+            msg = f"✅ {len(recs)} images, no problems found."
+        else:
+            msg = f"{'❌' if errors else '⚠️'} {len(recs)} images: {errors} error(s), {warns} warning(s)."
+        return problems_table(found), pd.DataFrame({"bucket": list(h), "images": list(h.values())}), msg
+
+    def on_clear(ws_id, request: gr.Request):
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        return [], table_of([]), "Dataset cleared.", problems_table([])
+
+    upload.upload(on_upload, [upload, ws], [upload, gallery, table, upload_msg, problems], api_name="upload_images")
+    caption_btn.click(on_caption, [cap_model, concept, trigger, overwrite, ws], [table, check_msg],
+                      api_name="auto_caption", concurrency_id="gpu", concurrency_limit=1)
+    table.input(on_save, [table, ws], [check_msg], api_visibility="private")
+    save_btn.click(on_save, [table, ws], [check_msg], api_name="save_captions")
+    check_btn.click(on_check, [ctx.components["base_model"], trigger, ws], [problems, hist, check_msg],
+                    api_name="check_dataset")
+    clear_btn.click(on_clear, [ws], [gallery, table, upload_msg, problems], api_name="clear_dataset")
+    list_ev = gr.Button(visible=False)
+    list_ev.click(refresh, [ws], [gallery, table], api_name="list_dataset")
+
+    def on_load(load_ev):
+        load_ev.then(refresh, [ws], [gallery, table], api_visibility="private")
+
+    return {"on_load": on_load, "gallery": gallery, "table": table}

@@ -1,0 +1,132 @@
+"""Generate tab: pick a finished run (or upload a LoRA + embeddings), prompt with TOK, get images."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import gradio as gr
+
+from . import jobs as J
+
+SCHEDULER_NAMES = ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
+UPLOADED = "(uploaded LoRA files)"
+
+
+def scheduler_names() -> list[str]:
+    try:
+        from trainer.inference import SCHEDULERS
+
+        return list(SCHEDULERS)
+    except Exception:
+        return SCHEDULER_NAMES
+
+
+def finished_runs(ctx, sid: str) -> list[str]:
+    out = []
+    d = ctx.workspaces.runs_dir(sid)
+    for name in ctx.workspaces.list_runs(sid):
+        if os.path.isfile(os.path.join(d, name, "pytorch_lora_weights.safetensors")):
+            out.append(name)
+    return out
+
+
+def build(ctx) -> dict:
+    ws = ctx.ws_state
+    with gr.Row():
+        run = gr.Dropdown([], label="Trained run", info="Runs of this session that finished (or were stopped and "
+                          "exported).", elem_id="ls-gen-run", scale=3)
+        refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=90)
+    with gr.Accordion("…or use your own LoRA files", open=False):
+        with gr.Row():
+            lora_file = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], type="filepath", height=90)
+            emb_file = gr.File(label="Embeddings _emb.safetensors (optional)", file_types=[".safetensors"],
+                               type="filepath", height=90)
+            up_base = gr.Textbox("tiny-sdxl" if not ctx.cuda else "stabilityai/stable-diffusion-xl-base-1.0",
+                                 label="Base model of the uploaded LoRA")
+    prompt = gr.Textbox("a photo of TOK", label="Prompt", info="TOK is replaced by the learnt tokens.",
+                        elem_id="ls-prompt", lines=2)
+    negative = gr.Textbox("", label="Negative prompt", lines=1)
+    with gr.Row():
+        scheduler = gr.Dropdown(scheduler_names(), value="Euler a", label="Scheduler")
+        steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+        guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance")
+        lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
+    with gr.Row():
+        width = gr.Number(None, precision=0, label="Width (empty: model default)")
+        height = gr.Number(None, precision=0, label="Height (empty: model default)")
+        seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
+        num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
+    gen_btn = gr.Button("Generate", variant="primary", elem_id="ls-generate")
+    seed_info = gr.Markdown("", elem_id="ls-seed-info")
+    gallery = gr.Gallery(label="Images", columns=4, height=340, elem_id="ls-gen-gallery")
+
+    def refresh(ws_id, request: gr.Request):
+        runs = finished_runs(ctx, ctx.sid(ws_id, request))
+        return gr.Dropdown(choices=runs + [UPLOADED], value=runs[0] if runs else None)
+
+    def generate(run, lora_file, embeddings_file, lora_base_model, prompt, negative_prompt, scheduler, steps,
+                 guidance_scale, lora_scale, width, height, seed, num_images, ws_id, request: gr.Request,
+                 progress=gr.Progress()):
+        run_v, lora_v, emb_v, up_base_v, prompt_v, neg_v, sched_v, steps_v, guid_v, scale_v, w_v, h_v, seed_v, n_v = (
+            run, lora_file, embeddings_file, lora_base_model, prompt, negative_prompt, scheduler, steps,
+            guidance_scale, lora_scale, width, height, seed, num_images)
+        try:
+            from trainer.inference import GenerateRequest, InferenceInputError, request_from_run
+        except ImportError:
+            raise gr.Error("Image generation is not available in this build yet.")
+        sid = ctx.sid(ws_id, request)
+        common = dict(prompt=prompt_v or "", negative_prompt=neg_v or "", scheduler=sched_v, steps=int(steps_v),
+                      guidance_scale=float(guid_v), lora_scale=float(scale_v), num_images=int(n_v),
+                      width=int(w_v) if w_v else None, height=int(h_v) if h_v else None,
+                      seed=None if seed_v is None or int(seed_v) < 0 else int(seed_v))
+        try:
+            if run_v and run_v != UPLOADED:
+                run_dir = os.path.join(ctx.workspaces.runs_dir(sid), os.path.basename(run_v))
+                if not os.path.isdir(run_dir):
+                    raise gr.Error(f"No run named '{run_v}' in this session.")
+                job = ctx.jobs.latest(sid)
+                if job is not None and job.state == J.RUNNING and os.path.realpath(job.run_dir) == \
+                        os.path.realpath(run_dir):
+                    raise gr.Error("That run is still training; wait for it to finish.")
+                req = request_from_run(run_dir, **common)
+            elif lora_v:
+                folder = os.path.join(ctx.workspaces.session_dir(sid), "uploads", ".lora")
+                os.makedirs(folder, exist_ok=True)
+                lp = os.path.join(folder, "lora.safetensors")
+                shutil.copyfile(lora_v, lp)
+                ep = None
+                if emb_v:
+                    ep = os.path.join(folder, "lora_emb.safetensors")
+                    shutil.copyfile(emb_v, ep)
+                req = GenerateRequest(base_model=(up_base_v or "").strip(), lora_path=lp, embeddings_path=ep, **common)
+            else:
+                raise gr.Error("Pick a trained run, or upload a LoRA .safetensors file.")
+            progress(0, desc="Loading the model...")
+            res = ctx.engine.get().generate(req, on_progress=lambda s, t: progress((s, t), desc="Denoising",
+                                                                                    unit="steps"))
+        except InferenceInputError as e:
+            raise gr.Error(str(e))
+        captions = []
+        for i, s in enumerate(res.seeds):
+            captions.append(f"seed {s} · {sched_v} · {int(steps_v)} steps · cfg {guid_v} · scale {scale_v}")
+        out_dir = os.path.join(ctx.workspaces.session_dir(sid), "uploads", ".generated")
+        os.makedirs(out_dir, exist_ok=True)
+        items = []
+        for img, cap in zip(res.images, captions):
+            if isinstance(img, str):
+                items.append((img, cap))
+            else:
+                items.append((img, cap))
+        seeds = ", ".join(str(s) for s in res.seeds)
+        return items, f"Seeds used: **{seeds}** (type one into Seed to get the same image again)."
+
+    inputs = [run, lora_file, emb_file, up_base, prompt, negative, scheduler, steps, guidance, lora_scale, width,
+              height, seed, num_images, ws]
+    gen_btn.click(generate, inputs, [gallery, seed_info], api_name="generate", concurrency_id="gpu",
+                  concurrency_limit=1)
+    refresh_btn.click(refresh, [ws], [run], api_name="list_runs")
+
+    def on_load(load_ev):
+        load_ev.then(refresh, [ws], [run], api_visibility="private")
+
+    return {"on_load": on_load, "refresh": (refresh, [ws], [run])}

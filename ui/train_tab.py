@@ -1,0 +1,368 @@
+"""Train tab: concept preset + every TrainConfig field, Start/Stop/Resume, live progress, loss plot, samples."""
+from __future__ import annotations
+
+import html
+import inspect
+import json
+import os
+import re
+from dataclasses import fields
+from enum import Enum
+
+import gradio as gr
+import pandas as pd
+
+from trainer.config import ConfigError, TrainConfig, _field_type, load_preset, preset_info
+
+from . import jobs as J
+from .dataset_tab import read_records, save_records
+from .sessions import safe_run_name
+
+# Set by the app itself (or shown elsewhere on the page), so not repeated in Advanced.
+APP_SET = {"output_dir", "hub_token", "instance_data_dir"}
+SHOWN_ABOVE = {"pretrained_model_name_or_path", "token_abstraction", "concept", "preset"}
+GROUP_TITLES = {"model": "Model", "data": "Data", "prior": "Prior preservation", "text": "Pivotal tuning / text",
+                "lora": "LoRA", "optim": "Optimizer", "schedule": "Schedule & precision",
+                "output": "Output, checkpoints, samples", "general": "General"}
+CONCEPTS = ["face", "style", "object", "custom"]
+
+
+def adv_fields():
+    return [f for f in fields(TrainConfig) if f.name not in APP_SET | SHOWN_ABOVE]
+
+
+ADV = adv_fields()
+ADV_NAMES = [f.name for f in ADV]
+
+
+# ----- values <-> components ---------------------------------------------------------------------------------
+def to_ui(name: str, value):
+    t, optional = _field_type(name)
+    if isinstance(value, Enum):
+        value = value.value
+    if t in (int, float):
+        return value
+    if t is bool:
+        return bool(value)
+    return "" if value is None else str(value)
+
+
+def from_ui(name: str, value):
+    t, optional = _field_type(name)
+    if isinstance(value, str) and value.strip() == "" and optional:
+        return None
+    if t is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def preset_ui_values(concept: str) -> dict:
+    cfg = TrainConfig.from_dict(load_preset(concept))
+    return {n: to_ui(n, getattr(cfg, n)) for n in ADV_NAMES}
+
+
+def same(a, b) -> bool:
+    if a in (None, "") and b in (None, ""):
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def apply_preset(concept: str, current: dict, last_applied: dict) -> tuple[dict, dict, list[str]]:
+    """(new values, new last-applied, kept field names): fields the user changed by hand are kept."""
+    new = preset_ui_values(concept)
+    kept = [n for n in ADV_NAMES if n in current and n in last_applied and not same(current[n], last_applied[n])]
+    out = {n: (current[n] if n in kept else new[n]) for n in ADV_NAMES}
+    return out, new, kept
+
+
+def make_component(f, value):
+    name, meta = f.name, f.metadata
+    t, optional = _field_type(name)
+    kw = dict(label=name, info=meta.get("help"), elem_id=f"adv-{name}", value=value)
+    if t is bool:
+        return gr.Checkbox(**kw)
+    if isinstance(t, type) and issubclass(t, Enum):
+        choices = ([""] if optional else []) + [m.value for m in t]
+        return gr.Dropdown(choices=choices, **kw)
+    if meta.get("choices"):
+        choices = ["" if c is None else c for c in meta["choices"]]
+        return gr.Dropdown(choices=choices, **kw)
+    if t is int:
+        return gr.Number(precision=0, **kw)
+    if t is float:
+        return gr.Number(**kw)
+    return gr.Textbox(**kw)
+
+
+def format_config_error(err: ConfigError) -> str:
+    rows = ["| field | value | what is accepted |", "|---|---|---|"]
+    for e in err.errors:
+        rows.append(f"| `{e.name}` | `{html.escape(repr(e.value))}` | {html.escape(e.message)} |")
+    return "❌ **The settings need a fix before training can start:**\n\n" + "\n".join(rows)
+
+
+def _fmt_time(s) -> str:
+    if s is None:
+        return "?"
+    s = int(round(float(s)))
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----- the view of a job ---------------------------------------------------------------------------------------
+def job_view(ctx, sid: str) -> dict:
+    job = ctx.jobs.latest(sid)
+    if job is not None:
+        events, state, run, position = job.snapshot(), job.state, job.run_name, ctx.jobs.position(job)
+        if job.resume:
+            events = getattr(job, "history", []) + events
+    else:
+        runs = ctx.workspaces.list_runs(sid)
+        if not runs:
+            return {"state": "none", "run": None, "events": [], "position": 0}
+        run = runs[0]
+        state, events = J.run_state_from_disk(os.path.join(ctx.workspaces.runs_dir(sid), run))
+        position = 0
+    return {"state": state, "run": run, "events": events, "position": position}
+
+
+def summarize(view: dict) -> dict:
+    steps = [e for e in view["events"] if e.get("type") == "step"]
+    last = steps[-1] if steps else {}
+    samples, log = [], []
+    for e in view["events"]:
+        t = e.get("type")
+        if t == "sample":
+            samples += [(p, f"step {e.get('step')}") for p in e.get("images", []) if os.path.exists(p)]
+        if t == "status":
+            log.append(f"[{t}] {e.get('message')}")
+        elif t == "started":
+            log.append(f"[started] {e.get('num_images')} images, {e.get('total_steps')} steps"
+                       + (f", resuming at step {e.get('start_step')}" if e.get("start_step") else "")
+                       + "".join(f"\n  note: {n}" for n in e.get("notes", [])))
+        elif t == "checkpoint":
+            log.append(f"[checkpoint] step {e.get('step')}")
+        elif t == "sample":
+            log.append(f"[sample] step {e.get('step')}: {len(e.get('images', []))} image(s)")
+        elif t == "finished":
+            log.append("[stopped] checkpoint kept; Resume continues from it" if e.get("stopped")
+                       else f"[finished] step {e.get('step')}: " + ", ".join(sorted(e.get("artifacts", {}))))
+        elif t == "failed":
+            log.append(f"[failed] {e.get('error')}" + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
+        elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
+            log.append(f"step {e.get('step')}/{e.get('total')} loss {e.get('loss') if e.get('loss') is None else round(e['loss'], 4)}")
+    return {
+        "state": view["state"], "run": view["run"], "position": view["position"],
+        "step": last.get("step", 0), "total": last.get("total", 0), "loss": last.get("loss"),
+        "lr": last.get("lr"), "d_lr": last.get("d_lr"), "s_per_it": last.get("s_per_it"), "eta_s": last.get("eta_s"),
+        "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
+        "samples": samples, "log": log[-200:],
+        "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
+    }
+
+
+def progress_html(s: dict) -> str:
+    state = s["state"]
+    if state == "none":
+        return "<div id='ls-progress'><div class='txt'>No training yet.</div></div>"
+    total = s["total"] or 0
+    pct = int(100 * s["step"] / total) if total else 0
+    if state == J.QUEUED:
+        text = f"Waiting in line: position {s['position']} (one training runs at a time on this machine)."
+    elif state == J.RUNNING and not s["step"]:
+        text = "Preparing (reading images, loading the model, caching latents)..."
+    else:
+        text = f"{state.capitalize()} · step {s['step']}/{total}"
+        if s["s_per_it"]:
+            text += f" · {s['s_per_it']:.2f} s/it"
+        if state == J.RUNNING and s["eta_s"] is not None:
+            text += f" · ETA {_fmt_time(s['eta_s'])}"
+        if s["loss"] is not None:
+            text += f" · loss {s['loss']:.4f}"
+    if state == J.FAILED and s["error"]:
+        text += f" · {html.escape(str(s['error']))}"
+    return (f"<div id='ls-progress' data-state='{state}'><div class='bar'><div class='fill' style='width:{pct}%'>"
+            f"</div></div><div class='txt'><b>{html.escape(s['run'] or '')}</b> · {html.escape(text)}</div></div>")
+
+
+def lr_md(s: dict) -> str:
+    if s["lr"] is None:
+        return ""
+    out = f"Learning rate: `{s['lr']:.3g}`"
+    if s["d_lr"] is not None:
+        out += f" · effective (Prodigy d×lr): `{s['d_lr']:.3g}`"
+    return out
+
+
+# ----- the tab --------------------------------------------------------------------------------------------------
+def build(ctx) -> dict:
+    ws = ctx.ws_state
+    concept = ctx.components["concept"]
+    trigger = ctx.components["trigger"]
+    base_model = ctx.components["base_model"]
+
+    with gr.Row():
+        run_name = gr.Textbox("my-lora", label="Run name", elem_id="ls-run-name", scale=2)
+        base_model.render()
+    if not ctx.cuda:
+        gr.Markdown("ℹ️ **No GPU found on this machine**, so the tiny demo model (`tiny-sdxl`) is selected: it "
+                    "runs the whole flow in seconds but learns nothing useful. Use a GPU for real LoRAs.",
+                    elem_classes=["ls-notice"], elem_id="ls-nogpu")
+    preset_msg = gr.Markdown("", elem_id="ls-preset-msg")
+    init = preset_ui_values("face")
+    last_applied = gr.State(dict(init))
+    comps: dict[str, gr.components.Component] = {}
+    with gr.Accordion("Advanced: every setting (filled by the concept's preset)", open=False, elem_id="ls-advanced"):
+        groups: dict[str, list] = {}
+        for f in ADV:
+            groups.setdefault(f.metadata.get("group", "general"), []).append(f)
+        for g, fs in groups.items():
+            with gr.Accordion(GROUP_TITLES.get(g, g.capitalize()), open=(g == "schedule")):
+                for i in range(0, len(fs), 3):
+                    with gr.Row():
+                        for f in fs[i:i + 3]:
+                            comps[f.name] = make_component(f, init[f.name])
+    adv_list = [comps[n] for n in ADV_NAMES]
+
+    with gr.Row():
+        start_btn = gr.Button("Start training", variant="primary", elem_id="ls-start")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop")
+        resume_btn = gr.Button("Resume", elem_id="ls-resume")
+    status = gr.Markdown("", elem_id="ls-train-status")
+    progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
+    lr_box = gr.Markdown("", elem_id="ls-lr")
+    with gr.Row():
+        loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
+                                elem_id="ls-loss", height=260, scale=3)
+        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="ls-samples", scale=2)
+    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="ls-log", interactive=False)
+    status_json = gr.JSON(visible=False)
+    timer = gr.Timer(1.0, active=False)
+
+    # -- concept -> preset (hand-edited fields kept) --
+    def set_concept(concept_v, *args):
+        *vals, last = args
+        current = dict(zip(ADV_NAMES, vals))
+        out, new_last, kept = apply_preset(concept_v, current, last or init)
+        info = preset_info(concept_v)
+        msg = f"**{info.get('label', concept_v)}** preset applied. {info.get('description', '').strip()}"
+        if kept:
+            msg += "\n\nKept your own values for: " + ", ".join(f"`{k}` = {out[k]!r}" for k in kept)
+        return [out[n] for n in ADV_NAMES] + [new_last, msg]
+
+    set_concept.__signature__ = inspect.Signature(
+        [inspect.Parameter("concept", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ADV_NAMES]
+        + [inspect.Parameter("last_applied", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
+    concept.change(set_concept, [concept] + adv_list + [last_applied], adv_list + [last_applied, preset_msg],
+                   api_name="set_concept")
+
+    # -- start / stop / resume --
+    def view_outputs(sid):
+        s = summarize(job_view(ctx, sid))
+        df = pd.DataFrame(s["losses"], columns=["step", "loss"]) if s["losses"] else \
+            pd.DataFrame({"step": [], "loss": []})
+        brief = {k: v for k, v in s.items() if k not in ("losses", "samples", "log")}
+        brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
+        active = s["state"] in J.ACTIVE
+        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), s["samples"], brief, gr.Timer(active=active)]
+
+    view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
+
+    def start(run_name_v, concept_v, trigger_v, base_v, *args, request: gr.Request):
+        *vals, ws_id = args
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
+        recs = read_records(folder)
+        if not recs:
+            return ["❌ The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
+        save_records(folder, recs)
+        trig = (trigger_v or "TOK").strip()
+        values = {n: from_ui(n, v) for n, v in zip(ADV_NAMES, vals)}
+        if trig != "TOK":
+            for k in ("instance_prompt", "validation_prompt", "class_prompt"):
+                if isinstance(values.get(k), str):
+                    values[k] = re.sub(r"\bTOK\b", trig, values[k])
+        name = safe_run_name(run_name_v)
+        run_dir, n = ctx.workspaces.run_dir(sid, name), 2
+        while os.path.exists(run_dir):
+            run_dir = ctx.workspaces.run_dir(sid, f"{name}-{n}")
+            n += 1
+        values.update(pretrained_model_name_or_path=(base_v or "").strip(), token_abstraction=trig,
+                      concept=concept_v, preset=concept_v, instance_data_dir=folder, output_dir=run_dir,
+                      resume_from_checkpoint=None)
+        try:
+            cfg = TrainConfig.from_sources(**values)
+        except ConfigError as e:
+            return [format_config_error(e)] + view_outputs(sid)
+        try:
+            job = ctx.jobs.submit(sid, cfg)
+        except RuntimeError as e:
+            return [f"❌ {e}"] + view_outputs(sid)
+        renamed = "" if os.path.basename(run_dir) == name else f" (a run named '{name}' exists, so this one " \
+                                                                 f"is '{os.path.basename(run_dir)}')"
+        pos = ctx.jobs.position(job)
+        wait = f" Waiting in line: position {pos}." if pos > 1 else ""
+        return [f"▶️ Training **{job.run_name}** submitted{renamed}.{wait}"] + view_outputs(sid)
+
+    def stop(ws_id, request: gr.Request):
+        sid = ctx.sid(ws_id, request)
+        job = ctx.jobs.latest(sid)
+        if job is None or job.state not in J.ACTIVE:
+            return ["Nothing is running."] + view_outputs(sid)
+        ctx.jobs.stop(job)
+        return ["⏹ Stopping after the current step; the last checkpoint is kept."] + view_outputs(sid)
+
+    def resume(ws_id, request: gr.Request):
+        sid = ctx.sid(ws_id, request)
+        job = ctx.jobs.latest(sid)
+        if job is not None and job.state in J.ACTIVE:
+            return [f"'{job.run_name}' is still {job.state}."] + view_outputs(sid)
+        if job is not None:
+            cfg, run_dir = job.config, job.run_dir
+        else:
+            runs = ctx.workspaces.list_runs(sid)
+            if not runs:
+                return ["No run to resume."] + view_outputs(sid)
+            run_dir = os.path.join(ctx.workspaces.runs_dir(sid), runs[0])
+            try:
+                with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                    cfg = TrainConfig.from_dict(json.load(f))
+            except (OSError, ValueError, ConfigError) as e:
+                return [f"❌ Cannot read the run's config: {e}"] + view_outputs(sid)
+        if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            return ["❌ This run has no checkpoint yet; start it again instead."] + view_outputs(sid)
+        state, history = J.run_state_from_disk(run_dir)
+        if state == J.FINISHED:
+            return ["This run already finished."] + view_outputs(sid)
+        try:
+            cfg = cfg.replace(resume_from_checkpoint="latest").validate()
+            new = ctx.jobs.submit(sid, cfg, resume=True)
+        except (RuntimeError, ConfigError) as e:
+            return [f"❌ {e}"] + view_outputs(sid)
+        new.history = history
+        return [f"▶️ Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
+
+    def poll(ws_id, request: gr.Request):
+        return view_outputs(ctx.sid(ws_id, request))
+
+    def status_api(ws_id, request: gr.Request):
+        return view_outputs(ctx.sid(ws_id, request))[5]
+
+    start.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+         for n in ["run_name", "concept", "trigger", "base_model"] + ADV_NAMES + ["ws"]]
+        + [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=gr.Request)])
+    start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws], [status] + view_comps,
+                    api_name="start_training")
+    stop_btn.click(stop, [ws], [status] + view_comps, api_name="stop_training")
+    resume_btn.click(resume, [ws], [status] + view_comps, api_name="resume_training")
+    timer.tick(poll, [ws], view_comps, api_visibility="private", show_progress="hidden")
+    status_btn = gr.Button(visible=False)
+    status_btn.click(status_api, [ws], [status_json], api_name="training_status")
+
+    def on_load(load_ev):
+        load_ev.then(poll, [ws], view_comps, api_visibility="private")
+
+    return {"on_load": on_load, "timer": timer}
