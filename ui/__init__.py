@@ -150,6 +150,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         allowed_paths=[guard_root],
         app_kwargs={"middleware": [Middleware(SessionFileGuard, protected=guard_root)]},
         footer_links=["api"],
+        show_error=True,
     )
     demo.queue(default_concurrency_limit=4)
     demo.ls_context = ctx  # for tests and debugging

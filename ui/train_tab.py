@@ -270,8 +270,8 @@ def build(ctx) -> dict:
 
     view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
 
-    def start(run_name_v, concept_v, trigger_v, base_v, *args, request: gr.Request):
-        *vals, ws_id = args
+    def start(run_name_v, concept_v, trigger_v, base_v, *args):
+        *vals, ws_id, request = args
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
         recs = read_records(folder)
@@ -352,8 +352,8 @@ def build(ctx) -> dict:
 
     start.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-         for n in ["run_name", "concept", "trigger", "base_model"] + ADV_NAMES + ["ws"]]
-        + [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=gr.Request)])
+         for n in ["run_name", "concept", "trigger", "base_model"] + ADV_NAMES + ["ws", "request"]])
+    start.__annotations__ = {"request": gr.Request}
     start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws], [status] + view_comps,
                     api_name="start_training")
     stop_btn.click(stop, [ws], [status] + view_comps, api_name="stop_training")

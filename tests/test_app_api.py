@@ -1,0 +1,158 @@
+"""The app driven through its API with gradio_client, against a real ``python app.py`` (offline, tiny models)."""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from gradio_client import Client, handle_file
+
+from app_fixtures import app_server, images, make_images  # noqa: F401  (fixtures)
+from trainer.config import TrainConfig, load_preset
+
+
+def client_for(server) -> Client:
+    return Client(server.url, verbose=False)
+
+
+def call(client, api_name, **kwargs):
+    """predict() by keyword, giving None to the parameters without a default (empty optional numbers)."""
+    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"][api_name]["parameters"]
+    for p in params:
+        if not p.get("parameter_has_default") and p["parameter_name"] not in kwargs:
+            kwargs[p["parameter_name"]] = None
+    return client.predict(api_name=api_name, **kwargs)
+
+
+def status(client) -> dict:
+    return client.predict(api_name="/training_status")
+
+
+def wait_for(client, pred, timeout=120, what="condition"):
+    end, last = time.time() + timeout, None
+    while time.time() < end:
+        last = status(client)
+        if pred(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last status: {last}")
+
+
+def upload(client, paths):
+    return client.predict([handle_file(p) for p in paths], api_name="/upload_images")
+
+
+def table_rows(table) -> list[list]:
+    return table["data"] if isinstance(table, dict) else table
+
+
+def test_full_flow_upload_caption_train_stop_resume_generate(app_server, images, tmp_path):
+    c = client_for(app_server)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    _, gallery, table, msg, problems = upload(c, images + [str(bad)])
+    assert len(gallery) == 4 and len(table_rows(table)) == 4
+    assert "broken.png" in msg and "4" in msg  # per-file message, good files kept
+    assert any("broken.png" in r[0] for r in table_rows(problems))
+
+    table, note = c.predict(model="tiny-blip", concept="face", trigger="TOK", overwrite=True,
+                            api_name="/auto_caption")
+    caps = [r[1] for r in table_rows(table)]
+    assert len(caps) == 4 and all(cap.startswith("a photo of TOK") for cap in caps), caps
+    meta = os.path.join(app_server.root, "sessions", c.session_hash, "uploads", "metadata.jsonl")
+    assert os.path.isfile(meta) and open(meta).read().count("TOK") == 4
+
+    problems, hist, check_msg = c.predict(base_model="tiny-sdxl", trigger="TOK", api_name="/check_dataset")
+    assert "4 images" in check_msg
+
+    t0 = time.time()
+    out = call(c, "/start_training", run_name="api run", concept="face", trigger="TOK", base_model="tiny-sdxl", max_train_steps=40,
+                    checkpointing_steps=5, validation_steps=20, num_validation_images=1,
+                    validation_inference_steps=4)
+    assert "submitted" in out[0], out[0]
+    seen_steps = []
+
+    def progressed(s):
+        if s.get("step"):
+            seen_steps.append(s["step"])
+        return s.get("step", 0) >= 8
+
+    wait_for(c, progressed, what="steps")
+    assert seen_steps == sorted(seen_steps) and seen_steps[-1] > seen_steps[0] or len(seen_steps) == 1
+    c.predict(api_name="/stop_training")
+    s = wait_for(c, lambda s: s["state"] == "stopped", what="stop")
+    stopped_at = s["step"]
+    assert 8 <= stopped_at < 40
+    runs_dir = os.path.join(app_server.root, "sessions", c.session_hash, "runs", "api-run")
+    assert os.path.isdir(os.path.join(runs_dir, "checkpoints"))
+
+    out = c.predict(api_name="/resume_training")
+    assert "Resuming" in out[0], out[0]
+    s = wait_for(c, lambda s: s["state"] in ("finished", "failed"), what="finish")
+    assert s["state"] == "finished", s
+    assert s["step"] == 40 and s["num_losses"] >= 40 and s["num_samples"] >= 1
+    print(f"train+stop+resume: {time.time() - t0:.1f}s")
+
+    run_dd = c.predict(api_name="/list_runs")
+    assert run_dd is not None
+    gallery, seed_md = call(c, "/generate", run="api-run", prompt="a photo of TOK", negative_prompt="", scheduler="Euler a",
+                                 steps=4, guidance_scale=5.0, lora_scale=1.0, width=None, height=None, seed=123,
+                                 num_images=2)
+    assert len(gallery) == 2 and all(os.path.isfile(g["image"]) for g in gallery)
+    assert "123" in seed_md
+
+
+def test_concept_change_applies_preset_and_keeps_hand_edits(app_server):
+    c = client_for(app_server)
+    names = [p["parameter_name"] for p in c.view_api(print_info=False, return_format="dict")["named_endpoints"][
+        "/set_concept"]["parameters"]][1:]
+    out = call(c, "/set_concept", concept="style", rank=7)
+    values, msg = dict(zip(names, out[:len(names)])), out[-1]
+    style = TrainConfig.from_dict(load_preset("style"))
+    for k in load_preset("style"):
+        if k in values and k != "rank":
+            exp = getattr(style, k)
+            exp = getattr(exp, "value", exp)
+            got = values[k]
+            assert (got in (None, "") and exp is None) or got == exp or (
+                isinstance(exp, float) and abs(float(got) - exp) < 1e-12), (k, got, exp)
+    assert values["rank"] == 7 and "rank" in msg
+    # Back to face: rank is still the user's value, every other field follows the preset.
+    out = call(c, "/set_concept", concept="object", **values)
+    values2 = dict(zip(names, out[:len(names)]))
+    obj = TrainConfig.from_dict(load_preset("object"))
+    assert values2["rank"] == 7
+    assert values2["max_train_steps"] == obj.max_train_steps and values2["steps_per_image"] == obj.steps_per_image
+
+
+def test_bad_settings_are_reported_per_field(app_server, images):
+    c = client_for(app_server)
+    upload(c, images)
+    out = call(c, "/start_training", run_name="bad", concept="face", trigger="TOK", base_model="tiny-sdxl",
+               rank=0, learning_rate=-1.0)
+    assert "`rank`" in out[0] and "`learning_rate`" in out[0] and ">" in out[0]
+    assert status(c)["state"] == "none"
+
+
+def test_sessions_are_isolated(app_server, images, tmp_path):
+    a, b = client_for(app_server), client_for(app_server)
+    assert a.session_hash != b.session_hash
+    upload(a, images[:3])
+    gal_b, table_b = b.predict(api_name="/list_dataset")
+    assert not gal_b and not table_rows(table_b)
+    assert b.predict(api_name="/training_status")["state"] in ("none",)
+    own = os.path.join(app_server.root, "sessions", a.session_hash, "uploads", "photo_0.png")
+    if not os.path.exists(own):
+        own = os.path.join(app_server.root, "sessions", a.session_hash, "uploads",
+                           sorted(os.listdir(os.path.dirname(own)))[0])
+    assert os.path.isfile(own)
+    for path in (own, own.replace(os.sep, "/")):
+        req = urllib.request.Request(f"{app_server.url}/gradio_api/file={path}")
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=10)
+        assert ei.value.code in (403, 404)
+    # Publishing without a network fails with a clear message and never echoes the token.
+    res = b.predict(run="nope", token="hf_secret_value_123", repo="me/x", private=True, api_name="/push_to_hub")
+    assert "hf_secret_value_123" not in res and "❌" in res
