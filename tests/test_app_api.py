@@ -103,6 +103,10 @@ def test_full_flow_upload_caption_train_stop_resume_generate(app_server, images,
     assert len(gallery) == 2 and all(os.path.isfile(g["image"]) for g in gallery)
     assert "123" in seed_md
 
+    # Publishing without a network fails with a clear message that never echoes the token.
+    res = c.predict(run="api-run", token="hf_secret_value_123", repo="me/x", private=True, api_name="/push_to_hub")
+    assert "hf_secret_value_123" not in res and "❌" in res and "Hub" in res, res
+
 
 def test_concept_change_applies_preset_and_keeps_hand_edits(app_server):
     c = client_for(app_server)
@@ -153,6 +157,5 @@ def test_sessions_are_isolated(app_server, images, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as ei:
             urllib.request.urlopen(req, timeout=10)
         assert ei.value.code in (403, 404)
-    # Publishing without a network fails with a clear message and never echoes the token.
-    res = b.predict(run="nope", token="hf_secret_value_123", repo="me/x", private=True, api_name="/push_to_hub")
-    assert "hf_secret_value_123" not in res and "❌" in res
+    res = b.predict(run="nope", token="hf_x", repo="me/x", private=True, api_name="/push_to_hub")
+    assert "No run named" in res

@@ -17,7 +17,7 @@ def build(ctx) -> dict:
                 "on the Hub. Create a **write** token at huggingface.co/settings/tokens; it is used for this "
                 "upload only and is not stored.")
     with gr.Row():
-        run = gr.Dropdown([], label="Run", elem_id="ls-pub-run", scale=3)
+        run = gr.Dropdown([], label="Run", elem_id="ls-pub-run", scale=3, allow_custom_value=True)
         refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=90)
     with gr.Row():
         token = gr.Textbox("", label="Hub token", type="password", elem_id="ls-token", placeholder="hf_...")

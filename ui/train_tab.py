@@ -99,7 +99,8 @@ def make_component(f, value):
 def format_config_error(err: ConfigError) -> str:
     rows = ["| field | value | what is accepted |", "|---|---|---|"]
     for e in err.errors:
-        rows.append(f"| `{e.name}` | `{html.escape(repr(e.value))}` | {html.escape(e.message)} |")
+        val = repr(e.value).replace("|", "\\|").replace("`", "'")
+        rows.append(f"| `{e.name}` | `{val}` | {e.message.replace('|', chr(92) + '|')} |")
     return "❌ **The settings need a fix before training can start:**\n\n" + "\n".join(rows)
 
 
