@@ -1,0 +1,494 @@
+"""Training-speed benchmark of the trainer (through the public ``train()``), optionally against diffusers'
+advanced SDXL LoRA script.
+
+    HF_HUB_OFFLINE=1 python bench/train_speed.py --model tiny-sdxl --steps 30 --warmup 5 --compare-caches
+    HF_HUB_OFFLINE=1 python bench/train_speed.py --model real-sdxl --steps 30 --warmup 5 \
+        --compare-reference ~/src/diffusers --rounds 3 --json results.json
+
+It writes a small random dataset to a temp folder, trains ``warmup + steps`` optimizer steps at the LoRA Ease
+configuration (pivotal tuning, Prodigy, min-SNR 5, rank 32; gradient checkpointing and bf16 on a GPU) and times
+the steps from the ``Step`` events, leaving out the warm-up steps. It prints ONE table: steps/s, images/s, peak
+memory (CUDA ``max_memory_allocated`` or the process's peak RSS on CPU), FLOPs per optimizer step (UNet forward +
+backward with LoRA, counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device, so no memory or
+time is spent) and MFU against the GPU's dense bf16 peak.
+
+``real-sdxl`` / ``real-sd15`` are the real architectures with random weights (``trainer/realarch.py``), built once
+into the cache. The reference script is never vendored: pass the root of a diffusers checkout (or the script).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+REFERENCE_SCRIPT = os.path.join("examples", "advanced_diffusion_training", "train_dreambooth_lora_sdxl_advanced.py")
+
+# Dense bf16 peak FLOP/s by device-name pattern (tensor cores, no sparsity).
+PEAK_BF16 = [
+    (r"H200", 989e12),
+    (r"H100", 989e12),   # SXM; the PCIe card is ~756e12
+    (r"A100", 312e12),
+    (r"A10G", 125e12),
+    (r"\bL4\b", 121e12),
+    (r"RTX 4090|4090", 165e12),
+]
+
+# The LoRA Ease configuration (the HF "LoRA training scripts of the world, unite!" recipe as used by LoRA Ease):
+# pivotal tuning with 2 new tokens, Prodigy at lr 1.0 for UNet and embeddings, min-SNR gamma 5.
+LORA_EASE = dict(
+    optimizer="prodigy", learning_rate=1.0, text_encoder_lr=1.0, adam_beta2=0.99, adam_weight_decay=0.01,
+    adam_weight_decay_text_encoder=0.01, train_text_encoder_ti=True, train_text_encoder_ti_frac=0.5,
+    token_abstraction="TOK", num_new_tokens_per_abstraction=2, snr_gamma=5.0, lr_scheduler="constant",
+    lr_warmup_steps=0, repeats=1, seed=0,
+)
+INSTANCE_PROMPT = "a photo of TOK"
+_WORDS = "red blue green garden beach city forest street sitting standing smiling portrait".split()
+
+
+# ----------------------------------------------------------------------------------------------------------
+def peak_flops(device_name: str):
+    for pat, value in PEAK_BF16:
+        if re.search(pat, device_name or ""):
+            return value
+    return None
+
+
+def model_path(name: str) -> str:
+    from trainer.families.loading import resolve
+
+    if name in ("real-sdxl", "real-sd15"):
+        from trainer.realarch import real_model_path
+
+        print(f"building/using the random-weight {name} (first time: minutes, ~7 GB disk for SDXL)",
+              file=sys.stderr)
+        return real_model_path(name)
+    return resolve(name)
+
+
+def family_info(path: str) -> tuple[str, int]:
+    """(family name, default resolution) of a model folder."""
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+        cls = json.load(f).get("_class_name", "")
+    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
+        size = int(json.load(f).get("sample_size") or 512)
+    fam = "sdxl" if "XL" in cls else "sd"
+    return fam, (size if fam == "sdxl" or size < 512 else 512)
+
+
+def make_dataset(folder: str, n: int, resolution: int, captions: bool = True, seed: int = 0) -> str:
+    """``n`` random RGB images (square, ``resolution`` px) with captions containing TOK (or none)."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        # smooth random colour fields (more image-like than white noise, compresses fast)
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((resolution, resolution), Image.BICUBIC).save(os.path.join(folder, f"{i:03d}.png"))
+        if captions:
+            with open(os.path.join(folder, f"{i:03d}.txt"), "w", encoding="utf-8") as f:
+                f.write(f"a photo of TOK, {_WORDS[i % len(_WORDS)]} {_WORDS[(3 * i + 1) % len(_WORDS)]}")
+    return folder
+
+
+def bench_config(args, model: str, data: str, out: str, caches: bool):
+    from trainer import TrainConfig
+
+    cuda = _cuda()
+    return TrainConfig.from_dict(dict(
+        pretrained_model_name_or_path=model, instance_data_dir=data, output_dir=out, instance_prompt=INSTANCE_PROMPT,
+        resolution=args.resolution, train_batch_size=args.batch, gradient_accumulation_steps=1, rank=args.rank,
+        max_train_steps=args.warmup + args.steps, checkpointing_steps=10 ** 7, cache_latents=caches,
+        cache_text_embeddings=caches, gradient_checkpointing=cuda and not args.no_gradient_checkpointing,
+        mixed_precision="bf16" if cuda else None, **LORA_EASE)).validate()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+def unet_train_flops(path: str, batch: int, resolution: int, rank: int,
+                     targets: str = "to_k,to_q,to_v,to_out.0", device: str = "meta") -> int:
+    """FLOPs of one training forward + backward of the UNet with LoRA adapters (frozen base: backward computes
+    input gradients and the LoRA weight gradients) for ``batch`` images at ``resolution`` px; text encoders,
+    VAE and optimizer are not counted. Runs on the meta device (no memory, no compute)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = UNet2DConditionModel.load_config(path, subfolder="unet")
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=[t.strip() for t in targets.split(",") if t.strip()]))
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    return count_unet_step_flops(unet, batch, resolution, device)
+
+
+def count_unet_step_flops(unet, batch: int, resolution: int, device: str = "meta") -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = unet.config
+    lat = resolution // 8
+    cross = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
+    with torch.device(device):
+        x = torch.randn(batch, c.in_channels, lat, lat)
+        t = torch.randint(0, 1000, (batch,))
+        ctx = torch.randn(batch, 77, cross)
+        added = None
+        if c.addition_embed_type == "text_time":
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}
+        target = torch.randn(batch, c.out_channels, lat, lat)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pred = unet(x, t, ctx, added_cond_kwargs=added, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------------------------------------
+def run_ours(args, model: str, data: str, caches: bool, label: str) -> dict:
+    from trainer.preflight import measure_run
+
+    out = tempfile.mkdtemp(prefix="bench-run-")
+    try:
+        cfg = bench_config(args, model, data, out, caches)
+        m = measure_run(cfg, warmup=args.warmup)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if m.oom:
+        return {"run": label, "error": "out of memory"}
+    sps = 1.0 / m.s_per_it
+    return {"run": label, "steps_per_s": sps, "images_per_s": sps * cfg.train_batch_size * cfg.gradient_accumulation_steps,
+            "s_per_it": m.s_per_it, "peak_bytes": m.process_peak_bytes, "peak_growth_bytes": m.peak_bytes,
+            "measured_steps": max(0, m.steps - args.warmup), "wall_s": m.wall_s, "overhead_s": m.overhead_s,
+            "text_s_per_it": m.text_s_per_it, "frozen_s_per_it": m.frozen_s_per_it}
+
+
+_LAUNCHER = r"""
+import atexit, runpy, sys
+def _peak():
+    try:
+        import torch
+        if torch.cuda.is_available():
+            print("__BENCH_PEAK__ %d" % torch.cuda.max_memory_allocated(), file=sys.stderr, flush=True)
+    except Exception:
+        pass
+atexit.register(_peak)
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def reference_args(args, script: str, model: str, data: str, out: str) -> list[str]:
+    a = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt", INSTANCE_PROMPT,
+         "--output_dir", out, "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+         "--gradient_accumulation_steps", "1", "--max_train_steps", str(args.warmup + args.steps),
+         "--checkpointing_steps", str(10 ** 7), "--rank", str(args.rank), "--mixed_precision", "bf16",
+         "--optimizer", "prodigy", "--learning_rate", "1.0", "--text_encoder_lr", "1.0", "--adam_beta2", "0.99",
+         "--adam_weight_decay", "0.01", "--adam_weight_decay_text_encoder", "0.01", "--train_text_encoder_ti",
+         "--train_text_encoder_ti_frac", "0.5", "--token_abstraction", "TOK", "--num_new_tokens_per_abstraction",
+         "2", "--snr_gamma", "5.0", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--repeats", "1",
+         "--seed", "0", "--cache_latents"]
+    if not args.no_gradient_checkpointing:
+        a.append("--gradient_checkpointing")
+    return [sys.executable, "-c", _LAUNCHER, script] + a
+
+
+def run_reference(args, script: str, model: str, data: str, label: str = "reference") -> dict:
+    """Runs the reference script in a subprocess; steps/s from its tqdm counter ``k/N [`` timestamped on
+    arrival (from the first update at or after the warm-up to the last), peak from max_memory_allocated."""
+    out = tempfile.mkdtemp(prefix="bench-ref-")
+    cmd = reference_args(args, script, model, data, out)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=out)
+    marks: list[tuple[float, int]] = []
+    peak = [None]
+    tail: list[str] = []
+    total = args.warmup + args.steps
+
+    def read(stream):
+        buf = b""
+        while True:
+            chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+            if not chunk:
+                break
+            now = time.time()
+            buf += chunk
+            parts = re.split(rb"[\r\n]", buf)
+            buf = parts.pop()
+            for p in parts:
+                line = p.decode("utf-8", "replace")
+                tail.append(line)
+                del tail[:-40]
+                mk = re.search(r"(\d+)/(\d+) \[", line)
+                if mk and int(mk.group(2)) == total:
+                    k = int(mk.group(1))
+                    if not marks or marks[-1][1] != k:
+                        marks.append((now, k))
+                pk = re.search(r"__BENCH_PEAK__ (\d+)", line)
+                if pk:
+                    peak[0] = int(pk.group(1))
+
+    threads = [threading.Thread(target=read, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
+    for t in threads:
+        t.start()
+    rc = proc.wait()
+    for t in threads:
+        t.join()
+    shutil.rmtree(out, ignore_errors=True)
+    if rc != 0:
+        return {"run": label, "error": f"exit {rc}: " + " | ".join(l for l in tail[-5:] if l.strip())[:600]}
+    after = [(t, k) for t, k in marks if k >= args.warmup]
+    if len(after) < 2 or after[-1][1] == after[0][1]:
+        return {"run": label, "error": "could not read the step counter from the script's progress bar"}
+    (t0, k0), (t1, k1) = after[0], after[-1]
+    sps = (k1 - k0) / (t1 - t0)
+    return {"run": label, "steps_per_s": sps, "images_per_s": sps * args.batch, "s_per_it": 1 / sps,
+            "peak_bytes": peak[0], "measured_steps": k1 - k0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+def time_to_first_image(args, model: str, data: str) -> dict:
+    """Trains a short run, then times Engine: picking the finished run -> first image."""
+    if not os.path.exists(os.path.join(ROOT, "trainer", "inference.py")):
+        return {"skipped": "trainer/inference.py does not exist"}
+    try:
+        from trainer.inference import Engine, request_from_run
+    except Exception as exc:
+        return {"skipped": f"trainer.inference has no usable Engine/request_from_run: {exc}"}
+    from trainer import train
+
+    out = tempfile.mkdtemp(prefix="bench-tti-")
+    try:
+        cfg = bench_config(args, model, data, out, True).replace(max_train_steps=2)
+        train(cfg)
+        t0 = time.perf_counter()
+        engine = Engine()
+        req = request_from_run(out, prompt="a photo of TOK", seed=0, steps=args.tti_steps,
+                               width=args.resolution, height=args.resolution)
+        res = engine.generate(req)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "images": len(res.images), "inference_steps": args.tti_steps,
+                "timings": res.info.get("timings") if isinstance(res.info, dict) else None}
+    except Exception as exc:
+        return {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def fmt_num(x, digits=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def fmt_flops(x):
+    if not x:
+        return "n/a"
+    for unit, v in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= v:
+            return f"{x / v:.3g} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+def fmt_mem(b, cuda: bool):
+    from trainer.preflight import fmt_bytes
+
+    return "n/a" if b is None else f"{fmt_bytes(b)} ({'GPU' if cuda else 'RSS'})"
+
+
+COLUMNS = ["run", "model", "device", "steps/s", "images/s", "peak memory", "FLOPs/step", "MFU"]
+
+
+def table(rows: list[dict]) -> str:
+    cells = [COLUMNS] + [[str(r.get(c, "")) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    line = lambda row: "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def median_result(results: list[dict]) -> dict:
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    out = dict(ok[0])
+    for k in ("steps_per_s", "images_per_s", "s_per_it", "peak_bytes"):
+        vals = [r[k] for r in ok if r.get(k) is not None]
+        if vals:
+            out[k] = statistics.median(vals)
+    out["rounds"] = len(ok)
+    out["steps_per_s_all"] = [r["steps_per_s"] for r in ok]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl | tiny-sd | real-sdxl | real-sd15 | PATH")
+    p.add_argument("--steps", type=int, default=30, help="measured optimizer steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps, not measured")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's (tiny 64, SDXL 1024)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--images", type=int, default=4, help="images in the generated dataset")
+    p.add_argument("--no-cache", action="store_true", help="cache_latents and cache_text_embeddings off")
+    p.add_argument("--compare-caches", action="store_true", help="run with and without caches; print the ratio")
+    p.add_argument("--compare-reference", metavar="PATH",
+                   help="diffusers checkout (or the script itself) to run " + REFERENCE_SCRIPT)
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of each compared run (median)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="(GPU) turn it off in both trainers")
+    p.add_argument("--time-to-first-image", action="store_true")
+    p.add_argument("--tti-steps", type=int, default=25, help="inference steps for --time-to-first-image")
+    p.add_argument("--flops-device", default="meta", help="where FLOPs are counted (meta: no memory)")
+    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.warmup < 1:
+        print("note: --warmup 0 times the first step too (model warm-up included)", file=sys.stderr)
+
+    import torch
+    import diffusers
+    import peft
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = device_name()
+    path = model_path(args.model)
+    fam, default_res = family_info(path)
+    args.resolution = args.resolution or default_res
+    work = tempfile.mkdtemp(prefix="bench-data-")
+    messages: list[str] = []
+    try:
+        data = make_dataset(os.path.join(work, "captioned"), args.images, args.resolution, captions=True)
+        runs: list[dict] = []
+        ratios: dict[str, float] = {}
+
+        if args.compare_reference:
+            script = args.compare_reference
+            if os.path.isdir(script):
+                script = os.path.join(script, REFERENCE_SCRIPT)
+            why = None
+            if not cuda:
+                why = "--compare-reference needs a CUDA GPU (the reference script trains in bf16 on CUDA); skipped"
+            elif not os.path.isfile(script):
+                why = (f"--compare-reference: {script} not found; pass the root of a diffusers checkout "
+                       f"(git clone https://github.com/huggingface/diffusers) or the script itself; skipped")
+            elif fam != "sdxl":
+                why = "--compare-reference: the reference script trains SDXL; use an SDXL model; skipped"
+            if why:
+                messages.append(why)
+                runs.append(run_ours(args, path, data, not args.no_cache, "ours"))
+            else:
+                # Same data for both: images only, every caption = the instance prompt (the script reads no .txt).
+                plain = make_dataset(os.path.join(work, "plain"), args.images, args.resolution, captions=False)
+                ours, ref = [], []
+                for r in range(args.rounds):
+                    ours.append(run_ours(args, path, plain, True, "ours"))
+                    ref.append(run_reference(args, script, path, plain))
+                o, f = median_result(ours), median_result(ref)
+                runs += [o, f]
+                if "error" not in o and "error" not in f:
+                    ratios["steps_per_s ours/reference"] = o["steps_per_s"] / f["steps_per_s"]
+                    if o.get("peak_bytes") and f.get("peak_bytes"):
+                        ratios["peak_memory ours/reference"] = o["peak_bytes"] / f["peak_bytes"]
+        elif args.compare_caches:
+            on, off = [], []
+            for r in range(args.rounds):
+                on.append(run_ours(args, path, data, True, "caches on"))
+                off.append(run_ours(args, path, data, False, "caches off"))
+            a, b = median_result(on), median_result(off)
+            runs += [a, b]
+            if "error" not in a and "error" not in b:
+                ratios["steps_per_s caches on/off"] = a["steps_per_s"] / b["steps_per_s"]
+        else:
+            runs.append(run_ours(args, path, data, not args.no_cache,
+                                 "caches off" if args.no_cache else "caches on"))
+
+        try:
+            flops = unet_train_flops(path, args.batch, args.resolution, args.rank, device=args.flops_device)
+        except Exception as exc:  # a model whose UNet cannot run on meta
+            messages.append(f"FLOPs not counted: {type(exc).__name__}: {str(exc)[:200]}")
+            flops = None
+        peak = peak_flops(dev) if cuda else None
+        rows = []
+        for r in runs:
+            row = {"run": r["run"], "model": args.model, "device": dev}
+            if "error" in r:
+                row.update({"steps/s": "error", "images/s": "", "peak memory": r["error"][:80],
+                            "FLOPs/step": fmt_flops(flops), "MFU": ""})
+                messages.append(f"{r['run']}: {r['error']}")
+            else:
+                mfu = flops * r["steps_per_s"] / peak if (flops and peak) else None
+                r["mfu"] = mfu
+                row.update({"steps/s": fmt_num(r["steps_per_s"]), "images/s": fmt_num(r["images_per_s"]),
+                            "peak memory": fmt_mem(r.get("peak_bytes"), cuda), "FLOPs/step": fmt_flops(flops),
+                            "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "n/a"})
+            rows.append(row)
+        tti = time_to_first_image(args, path, data) if args.time_to_first_image else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"# train_speed: {args.model} @ {args.resolution}px, batch {args.batch}, rank {args.rank}, "
+          f"{args.steps} measured steps after {args.warmup} warm-up, LoRA Ease configuration"
+          f"{' + gradient checkpointing, bf16' if cuda and not args.no_gradient_checkpointing else ''}")
+    print(table(rows))
+    for k, v in ratios.items():
+        print(f"ratio {k}: {v:.3f}")
+    if tti is not None:
+        if "seconds" in tti:
+            print(f"time to first image: {tti['seconds']:.2f} s ({tti['inference_steps']} inference steps, "
+                  f"engine load included)")
+        else:
+            print(f"time to first image: skipped ({tti['skipped']})")
+    for m in messages:
+        print(f"note: {m}")
+    if args.json:
+        payload = {"args": vars(args), "model_path": path, "device": dev, "cuda": cuda,
+                   "flops_per_step": flops, "peak_bf16_flops": peak, "runs": runs, "ratios": ratios,
+                   "time_to_first_image": tti, "notes": messages,
+                   "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                "transformers": transformers.__version__, "peft": peft.__version__},
+                   "date": time.strftime("%Y-%m-%d")}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Real-size Stable Diffusion architectures with random weights, built offline from configs written in code.
+
+``tiny.py`` gives models with the *shape* of SDXL but a few MB of weights; this module gives the *real*
+architectures (SDXL base: 2.567e9-parameter UNet, CLIP ViT-L 768 + OpenCLIP bigG 1280 text encoders with a
+49408-token vocabulary, the SDXL VAE; SD 1.5 likewise) with random weights, so speed and memory can be
+benchmarked exactly as with the published checkpoints without downloading them. The result is an ordinary
+diffusers folder loaded through the normal path (``--pretrained_model_name_or_path <folder>``).
+
+Building never holds an fp32 copy of the UNet: each component is created on the meta device, materialised
+directly in ``dtype`` (bf16 by default: ~5.1 GB for the SDXL UNet) and filled with a variance-preserving random
+init, then saved and freed before the next one. The trainer loads it in its own dtype (bf16 on GPU).
+
+Ids: ``real-sdxl``, ``real-sd15``. ``real_model_path(name)`` builds once into the cache and returns the folder.
+Random weights produce noise images; they are for benchmarks only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+from .tiny import _write_clip_tokenizer_files, cache_root
+
+REAL_MODELS = ("real-sdxl", "real-sd15")
+CLIP_VOCAB_SIZE = 49408
+_BUILD_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs (those of stabilityai/stable-diffusion-xl-base-1.0 and runwayml/stable-diffusion-v1-5)
+# ---------------------------------------------------------------------------------------------------------
+def sdxl_unet_config() -> dict[str, Any]:
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention=False, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+        cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        dual_cross_attention=False, use_linear_projection=True, upcast_attention=None,
+        resnet_time_scale_shift="default", addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, conv_in_kernel=3, conv_out_kernel=3,
+    )
+
+
+def sd15_unet_config() -> dict[str, Any]:
+    return dict(
+        sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+        mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+def vae_config(scaling_factor: float, sample_size: int) -> dict[str, Any]:
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=sample_size,
+        scaling_factor=scaling_factor, force_upcast=True,
+    )
+
+
+def clip_l_config(vocab_size: int = CLIP_VOCAB_SIZE):
+    """CLIP ViT-L/14 text tower (SDXL ``text_encoder``, SD 1.5 ``text_encoder``)."""
+    from transformers import CLIPTextConfig
+
+    # eos_token_id=2 is the legacy value of the published configs: the pooled output is taken at argmax(ids),
+    # which is <|endoftext|> (the last id of the vocabulary).
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                          projection_dim=768, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                          pad_token_id=1)
+
+
+def clip_bigg_config(vocab_size: int = CLIP_VOCAB_SIZE):
+    """OpenCLIP ViT-bigG/14 text tower with its 1280 projection (SDXL ``text_encoder_2``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                          num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                          projection_dim=1280, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                          pad_token_id=1)
+
+
+SCHEDULER_COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                        steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+
+# Published parameter counts, checked by the tests against the configs above.
+KNOWN_PARAMS = {
+    "sdxl_unet": 2_567_463_684,
+    "sd15_unet": 859_520_964,
+    "clip_l": 123_060_480,
+    "clip_bigg_projection": 694_659_840,
+    "vae": 83_653_863,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Construction
+# ---------------------------------------------------------------------------------------------------------
+def meta_model(kind: str):
+    """The module of ``kind`` (sdxl_unet, sd15_unet, clip_l, clip_bigg, sdxl_vae, sd15_vae) on the meta device:
+    no memory, no init; for parameter counts and FLOP counting."""
+    import torch
+
+    with torch.device("meta"):
+        return _construct(kind)
+
+
+def _construct(kind: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind == "sdxl_unet":
+        return UNet2DConditionModel(**sdxl_unet_config())
+    if kind == "sd15_unet":
+        return UNet2DConditionModel(**sd15_unet_config())
+    if kind == "clip_l":
+        return CLIPTextModel(clip_l_config())
+    if kind == "clip_bigg":
+        return CLIPTextModelWithProjection(clip_bigg_config())
+    if kind == "sdxl_vae":
+        return AutoencoderKL(**vae_config(0.13025, 1024))
+    if kind == "sd15_vae":
+        return AutoencoderKL(**vae_config(0.18215, 512))
+    raise ValueError(f"unknown component {kind!r}")
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def random_init_(module, seed: int = 0) -> None:
+    """Variance-preserving random weights in place: linear/conv N(0, 1/fan_in), norms 1/0, embeddings N(0, 0.02),
+    biases 0. Works in any floating dtype (generated in fp32 per tensor, then cast)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                p.zero_()
+            elif p.ndim == 1:  # norm weights
+                p.fill_(1.0)
+            elif "embedding" in name or "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            else:
+                fan_in = math.prod(p.shape[1:])
+                # in chunks along dim 0 so the fp32 temporary stays small
+                step = max(1, (1 << 24) // max(1, fan_in))
+                for i in range(0, p.shape[0], step):
+                    chunk = p[i:i + step]
+                    chunk.copy_(torch.randn(chunk.shape, generator=gen) / math.sqrt(fan_in))
+        for name, b in module.named_buffers():
+            if b.is_meta:
+                raise RuntimeError(f"buffer {name} was left on the meta device")
+
+
+def materialize(kind: str, dtype, seed: int = 0):
+    """``kind`` built on meta, materialised on CPU directly in ``dtype`` and randomly initialised."""
+    import torch
+
+    module = meta_model(kind)
+    torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' override warns about fp32 modules
+    module = module.to_empty(device="cpu")
+    # Non-persistent buffers (e.g. CLIP position_ids) are lost by to_empty: rebuild them from a fresh module.
+    _restore_buffers(module, kind)
+    random_init_(module, seed)
+    return module.eval()
+
+
+def _restore_buffers(module, kind: str) -> None:
+    import torch
+
+    for name, buf in list(module.named_buffers()):
+        if name.endswith("position_ids"):
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            leaf = name.rsplit(".", 1)[-1]
+            owner.register_buffer(leaf, torch.arange(buf.shape[-1]).expand((1, -1)).contiguous(), persistent=False)
+
+
+def _write_tokenizer(folder: str, tmp: str):
+    """A CLIP tokenizer whose vocabulary has exactly 49408 entries (the real size), with <|startoftext|> at
+    49406 and <|endoftext|> at 49407 as in openai/clip-vit-large-patch14; the BPE merges are the small built-in
+    set of ``tiny.py``, padded with never-produced placeholder entries."""
+    from transformers import CLIPTokenizer
+
+    src = os.path.join(tmp, "_tok_src")
+    _write_clip_tokenizer_files(src)
+    with open(os.path.join(src, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    ordinary = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
+    pad = CLIP_VOCAB_SIZE - len(ordinary) - len(specials)
+    ordinary += [f"<|unused{i}|>" for i in range(pad)]
+    full = {t: i for i, t in enumerate(ordinary + specials)}
+    with open(os.path.join(src, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(full, f, ensure_ascii=False)
+    tok = CLIPTokenizer.from_pretrained(src, model_max_length=77)
+    if len(tok) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"tokenizer has {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _model_index(class_name: str, parts: dict[str, tuple[str, str]], **extra) -> dict[str, Any]:
+    import diffusers
+
+    index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
+    index.update(extra)
+    index.update({k: list(v) for k, v in parts.items()})
+    return index
+
+
+def _save_component(kind: str, folder: str, dtype, seed: int) -> None:
+    import gc
+
+    module = materialize(kind, dtype, seed)
+    module.save_pretrained(folder, safe_serialization=True)
+    del module
+    gc.collect()
+
+
+def build_real_sdxl(out: str, dtype=None, tmp: str | None = None) -> str:
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    dtype = dtype or torch.bfloat16
+    tmp = tmp or tempfile.mkdtemp()
+    os.makedirs(out, exist_ok=True)
+    _write_tokenizer(os.path.join(out, "tokenizer"), tmp)
+    _write_tokenizer(os.path.join(out, "tokenizer_2"), tmp)
+    _save_component("clip_l", os.path.join(out, "text_encoder"), dtype, 1)
+    _save_component("clip_bigg", os.path.join(out, "text_encoder_2"), dtype, 2)
+    _save_component("sdxl_vae", os.path.join(out, "vae"), torch.float32, 4)  # small; the trainer runs it in fp32
+    _save_component("sdxl_unet", os.path.join(out, "unet"), dtype, 3)
+    EulerDiscreteScheduler(prediction_type="epsilon", timestep_spacing="leading", interpolation_type="linear",
+                           use_karras_sigmas=False, **{k: v for k, v in SCHEDULER_COMMON.items()
+                                                       if k not in ("clip_sample", "set_alpha_to_one")}
+                           ).save_pretrained(os.path.join(out, "scheduler"))
+    index = _model_index("StableDiffusionXLPipeline", {
+        "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+    }, force_zeros_for_empty_prompt=True, feature_extractor=[None, None], image_encoder=[None, None])
+    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+    return out
+
+
+def build_real_sd15(out: str, dtype=None, tmp: str | None = None) -> str:
+    import torch
+    from diffusers import PNDMScheduler
+
+    dtype = dtype or torch.bfloat16
+    tmp = tmp or tempfile.mkdtemp()
+    os.makedirs(out, exist_ok=True)
+    _write_tokenizer(os.path.join(out, "tokenizer"), tmp)
+    _save_component("clip_l", os.path.join(out, "text_encoder"), dtype, 11)
+    _save_component("sd15_vae", os.path.join(out, "vae"), torch.float32, 14)
+    _save_component("sd15_unet", os.path.join(out, "unet"), dtype, 13)
+    PNDMScheduler(skip_prk_steps=True, prediction_type="epsilon",
+                  **{k: v for k, v in SCHEDULER_COMMON.items() if k != "clip_sample"}
+                  ).save_pretrained(os.path.join(out, "scheduler"))
+    index = _model_index("StableDiffusionPipeline", {
+        "scheduler": ("diffusers", "PNDMScheduler"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+    }, safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+    return out
+
+
+_BUILDERS = {"real-sdxl": build_real_sdxl, "real-sd15": build_real_sd15}
+
+
+def real_model_path(name: str = "real-sdxl", build: bool = True, dtype=None) -> str:
+    """Folder of the random-weight real-architecture model ``name``; built once (temp folder, then rename).
+    SDXL takes ~7 GB of disk in bf16 and a few minutes of CPU."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown real-architecture model {name!r}; choose one of {', '.join(REAL_MODELS)}")
+    root = os.path.join(cache_root(), "realarch")
+    path = os.path.join(root, name)
+    if os.path.exists(os.path.join(path, "model_index.json")) or not build:
+        return path
+    with _BUILD_LOCK:
+        if os.path.exists(os.path.join(path, "model_index.json")):
+            return path
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+        try:
+            out = os.path.join(tmp, "model")
+            _BUILDERS[name](out, dtype=dtype, tmp=tmp)
+            try:
+                os.rename(out, path)
+            except OSError:
+                if not os.path.exists(os.path.join(path, "model_index.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+if __name__ == "__main__":  # python -m trainer.realarch real-sdxl
+    import sys
+
+    print(real_model_path(sys.argv[1] if len(sys.argv) > 1 else "real-sdxl"))
