@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from app_fixtures import app_server, images, make_images  # noqa: F401  (fixtures)
-from trainer.config import TrainConfig, load_preset
+from trainer.config import TrainConfig, coerce_field, load_preset
 
 
 def client_for(server) -> Client:
@@ -118,17 +118,16 @@ def test_concept_change_applies_preset_and_keeps_hand_edits(app_server):
     for k in load_preset("style"):
         if k in values and k != "rank":
             exp = getattr(style, k)
-            exp = getattr(exp, "value", exp)
-            got = values[k]
-            assert (got in (None, "") and exp is None) or got == exp or (
-                isinstance(exp, float) and abs(float(got) - exp) < 1e-12), (k, got, exp)
+            got = coerce_field(k, values[k])
+            assert got == exp, (k, got, exp)
     assert values["rank"] == 7 and "rank" in msg
     # Back to face: rank is still the user's value, every other field follows the preset.
     out = call(c, "/set_concept", concept="object", **values)
     values2 = dict(zip(names, out[:len(names)]))
     obj = TrainConfig.from_dict(load_preset("object"))
     assert values2["rank"] == 7
-    assert values2["max_train_steps"] == obj.max_train_steps and values2["steps_per_image"] == obj.steps_per_image
+    assert coerce_field("max_train_steps", values2["max_train_steps"]) == obj.max_train_steps
+    assert coerce_field("steps_per_image", values2["steps_per_image"]) == obj.steps_per_image
 
 
 def test_bad_settings_are_reported_per_field(app_server, images):

@@ -12,7 +12,7 @@ from enum import Enum
 import gradio as gr
 import pandas as pd
 
-from trainer.config import ConfigError, TrainConfig, _field_type, load_preset, preset_info
+from trainer.config import ConfigError, TrainConfig, _field_type, coerce_field, load_preset, preset_info
 
 from . import jobs as J
 from .dataset_tab import read_records, save_records
@@ -41,6 +41,8 @@ def to_ui(name: str, value):
     if isinstance(value, Enum):
         value = value.value
     if t in (int, float):
+        if optional:  # an empty box means "the default"; a gr.Number cannot be empty in the browser
+            return "" if value is None else (repr(value) if t is float else str(value))
         return value
     if t is bool:
         return bool(value)
@@ -61,7 +63,12 @@ def preset_ui_values(concept: str) -> dict:
     return {n: to_ui(n, getattr(cfg, n)) for n in ADV_NAMES}
 
 
-def same(a, b) -> bool:
+def same(a, b, name: str = "") -> bool:
+    if name:
+        try:
+            a, b = coerce_field(name, from_ui(name, a)), coerce_field(name, from_ui(name, b))
+        except Exception:
+            pass
     if a in (None, "") and b in (None, ""):
         return True
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
@@ -72,7 +79,7 @@ def same(a, b) -> bool:
 def apply_preset(concept: str, current: dict, last_applied: dict) -> tuple[dict, dict, list[str]]:
     """(new values, new last-applied, kept field names): fields the user changed by hand are kept."""
     new = preset_ui_values(concept)
-    kept = [n for n in ADV_NAMES if n in current and n in last_applied and not same(current[n], last_applied[n])]
+    kept = [n for n in ADV_NAMES if n in current and n in last_applied and not same(current[n], last_applied[n], n)]
     out = {n: (current[n] if n in kept else new[n]) for n in ADV_NAMES}
     return out, new, kept
 
@@ -89,6 +96,8 @@ def make_component(f, value):
     if meta.get("choices"):
         choices = ["" if c is None else c for c in meta["choices"]]
         return gr.Dropdown(choices=choices, **kw)
+    if t in (int, float) and optional:
+        return gr.Textbox(placeholder="empty = default", **kw)
     if t is int:
         return gr.Number(precision=0, **kw)
     if t is float:
