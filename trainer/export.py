@@ -28,10 +28,10 @@ def _atomic_save(tensors: dict, path: str, metadata: Optional[dict] = None) -> N
     os.replace(tmp, path)
 
 
-def lora_metadata(cfg) -> dict:
+def lora_metadata(cfg, targets: Optional[list[str]] = None) -> dict:
     from peft import LoraConfig
 
-    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    targets = targets or [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha, target_modules=targets,
                       use_dora=cfg.use_dora).to_dict()
 
@@ -42,8 +42,14 @@ def save_diffusers_lora(run_dir: str, family, cfg, unet_sd: dict, te_sds: list[d
     kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(unet_sd),
               "unet_lora_adapter_metadata": lora_metadata(cfg)}
     names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
+    from .lora import TEXT_ENCODER_TARGETS
+
     for name, sd in zip(names, te_sds):
         if sd:
+            kwargs[name.replace("_layers", "_adapter_metadata")] = lora_metadata(cfg, TEXT_ENCODER_TARGETS)
+            # transformers 5 dropped the `text_model.` level of CLIPTextModel; diffusers' loader (and every
+            # other tool) still matches text-encoder LoRA keys under it, so write them the classic way.
+            sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
             kwargs[name] = convert_state_dict_to_diffusers(sd)
     family.pipeline_class().save_lora_weights(run_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **kwargs)
     return os.path.join(run_dir, LORA_WEIGHTS)
@@ -59,7 +65,10 @@ def to_kohya(family, cfg, unet_sd: dict, te_sds: list[dict]) -> dict[str, torch.
             m = re.match(r"^(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$", key)
             if not m:
                 continue
-            module = prefix + "_" + m.group(1).replace(".", "_")
+            name = m.group(1)
+            if prefix != "lora_unet" and not name.startswith("text_model."):
+                name = "text_model." + name  # transformers 5 flattened CLIPTextModel; kohya/A1111 keep text_model
+            module = prefix + "_" + name.replace(".", "_")
             kind = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight",
                     "lora_magnitude_vector": "dora_scale"}[m.group(2)]
             out[f"{module}.{kind}"] = value
