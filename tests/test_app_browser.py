@@ -71,6 +71,7 @@ def test_click_through_the_whole_flow(app_page, images):
     expect(page.locator("#ls-captions")).to_contain_text("a photo of TOK", timeout=60_000)
     page.locator("#ls-check").click()
     expect(page.locator("#ls-check-msg")).to_contain_text("4 images", timeout=30_000)
+    expect(page.locator("#ls-buckets")).to_contain_text("x")
     shot(page, "1-dataset")
 
     # --- Train ---

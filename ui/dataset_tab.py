@@ -146,6 +146,18 @@ def resolution_for(base_model: str) -> int:
     return 1024 if ("xl" in low or not low) else 512
 
 
+def histogram_html(hist: dict) -> str:
+    if not hist:
+        return "<p>No readable images.</p>"
+    top = max(hist.values())
+    rows = "".join(
+        f"<div style='display:flex;align-items:center;gap:8px;margin:2px 0'>"
+        f"<code style='width:90px'>{k}</code><div style='height:14px;width:{max(4, int(220 * v / top))}px;"
+        f"background:var(--color-accent);border-radius:3px'></div><span>{v}</span></div>"
+        for k, v in hist.items())
+    return f"<div class='ls-hist'>{rows}</div>"
+
+
 # ----- the tab --------------------------------------------------------------------------------------------------
 def build(ctx) -> dict:
     ws = ctx.ws_state
@@ -179,8 +191,9 @@ def build(ctx) -> dict:
     with gr.Row():
         problems = gr.Dataframe(value=pd.DataFrame(columns=PROBLEM_HEADERS), headers=PROBLEM_HEADERS,
                                 interactive=False, wrap=True, label="Problems", elem_id="ls-problems", scale=3)
-        hist = gr.BarPlot(pd.DataFrame({"bucket": [], "images": []}), x="bucket", y="images",
-                          label="Aspect buckets", elem_id="ls-buckets", scale=2, height=240)
+        with gr.Column(scale=2):
+            gr.Markdown("**Aspect buckets** (images are trained at these sizes, not cropped square)")
+            hist = gr.HTML("", elem_id="ls-buckets")
 
     def refresh(ws_id, request: gr.Request):
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
@@ -260,10 +273,10 @@ def build(ctx) -> dict:
         errors = sum(1 for p in found if p.get("severity") == "error")
         warns = len(found) - errors
         if not found:
-            msg = f"✅ {len(recs)} images, no problems found."
+            msg = f"{len(recs)} images, no problems found."
         else:
-            msg = f"{'❌' if errors else '⚠️'} {len(recs)} images: {errors} error(s), {warns} warning(s)."
-        return problems_table(found), pd.DataFrame({"bucket": list(h), "images": list(h.values())}), msg
+            msg = f"{'**Errors found:**' if errors else '**Warnings:**'} {len(recs)} images: {errors} error(s), {warns} warning(s)."
+        return problems_table(found), histogram_html(h), msg
 
     def on_clear(ws_id, request: gr.Request):
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))

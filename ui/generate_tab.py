@@ -52,8 +52,8 @@ def build(ctx) -> dict:
         guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance")
         lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
     with gr.Row():
-        width = gr.Number(None, precision=0, label="Width (empty: model default)")
-        height = gr.Number(None, precision=0, label="Height (empty: model default)")
+        width = gr.Number(0, precision=0, label="Width (0 = model default)")
+        height = gr.Number(0, precision=0, label="Height (0 = model default)")
         seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
         num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
     gen_btn = gr.Button("Generate", variant="primary", elem_id="ls-generate")

@@ -36,21 +36,21 @@ def build(ctx) -> dict:
 
         sid = ctx.sid(ws_id, request)
         if not run_v:
-            return "❌ Pick a finished run first."
+            return "**Error:** Pick a finished run first."
         repo_v = (repo_v or "").strip()
         if not _REPO_RE.match(repo_v):
-            return "❌ The repo name must look like `name` or `your-name/name` (letters, digits, `-`, `_`, `.`)."
+            return "**Error:** The repo name must look like `name` or `your-name/name` (letters, digits, `-`, `_`, `.`)."
         if not (token_v or "").strip():
-            return "❌ Paste a Hub token with write access."
+            return "**Error:** Paste a Hub token with write access."
         run_dir = os.path.join(ctx.workspaces.runs_dir(sid), os.path.basename(run_v))
         if not os.path.isdir(run_dir):
-            return f"❌ No run named '{run_v}' in this session."
+            return f"**Error:** No run named '{run_v}' in this session."
         try:
             url = push_to_hub(run_dir, repo_v, token_v.strip(), bool(private_v))
         except HubError as e:
             msg = str(e).replace(token_v.strip(), "***")
-            return f"❌ {msg}"
-        return f"✅ Pushed to [{url}]({url})"
+            return f"**Error:** {msg}"
+        return f"Pushed to [{url}]({url})"
 
     push_btn.click(push, [run, token, repo, private, ws], [result], api_name="push_to_hub", concurrency_limit=1)
     refresh_btn.click(refresh, [ws], [run], api_visibility="private")

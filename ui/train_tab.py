@@ -110,7 +110,7 @@ def format_config_error(err: ConfigError) -> str:
     for e in err.errors:
         val = repr(e.value).replace("|", "\\|").replace("`", "'")
         rows.append(f"| `{e.name}` | `{val}` | {e.message.replace('|', chr(92) + '|')} |")
-    return "❌ **The settings need a fix before training can start:**\n\n" + "\n".join(rows)
+    return "**Error:** **The settings need a fix before training can start:**\n\n" + "\n".join(rows)
 
 
 def _fmt_time(s) -> str:
@@ -216,7 +216,7 @@ def build(ctx) -> dict:
         run_name = gr.Textbox("my-lora", label="Run name", elem_id="ls-run-name", scale=2)
         base_model.render()
     if not ctx.cuda:
-        gr.Markdown("ℹ️ **No GPU found on this machine**, so the tiny demo model (`tiny-sdxl`) is selected: it "
+        gr.Markdown("**No GPU found on this machine**, so the tiny demo model (`tiny-sdxl`) is selected: it "
                     "runs the whole flow in seconds but learns nothing useful. Use a GPU for real LoRAs.",
                     elem_classes=["ls-notice"], elem_id="ls-nogpu")
     preset_msg = gr.Markdown("", elem_id="ls-preset-msg")
@@ -258,7 +258,7 @@ def build(ctx) -> dict:
         info = preset_info(concept_v)
         msg = f"**{info.get('label', concept_v)}** preset applied. {info.get('description', '').strip()}"
         if kept:
-            msg += "\n\nKept your own values for: " + ", ".join(f"`{k}` = {out[k]!r}" for k in kept)
+            msg += "\n\nKept your own values for: " + ", ".join(f"`{k}` = {out[k]}" for k in kept)
         return [out[n] for n in ADV_NAMES] + [new_last, msg]
 
     set_concept.__signature__ = inspect.Signature(
@@ -286,7 +286,7 @@ def build(ctx) -> dict:
         folder = ctx.workspaces.uploads_dir(sid)
         recs = read_records(folder)
         if not recs:
-            return ["❌ The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
+            return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
         save_records(folder, recs)
         trig = (trigger_v or "TOK").strip()
         values = {n: from_ui(n, v) for n, v in zip(ADV_NAMES, vals)}
@@ -309,12 +309,12 @@ def build(ctx) -> dict:
         try:
             job = ctx.jobs.submit(sid, cfg)
         except RuntimeError as e:
-            return [f"❌ {e}"] + view_outputs(sid)
+            return [f"**Error:** {e}"] + view_outputs(sid)
         renamed = "" if os.path.basename(run_dir) == name else f" (a run named '{name}' exists, so this one " \
                                                                  f"is '{os.path.basename(run_dir)}')"
         pos = ctx.jobs.position(job)
         wait = f" Waiting in line: position {pos}." if pos > 1 else ""
-        return [f"▶️ Training **{job.run_name}** submitted{renamed}.{wait}"] + view_outputs(sid)
+        return [f"Training **{job.run_name}** submitted{renamed}.{wait}"] + view_outputs(sid)
 
     def stop(ws_id, request: gr.Request):
         sid = ctx.sid(ws_id, request)
@@ -322,7 +322,7 @@ def build(ctx) -> dict:
         if job is None or job.state not in J.ACTIVE:
             return ["Nothing is running."] + view_outputs(sid)
         ctx.jobs.stop(job)
-        return ["⏹ Stopping after the current step; the last checkpoint is kept."] + view_outputs(sid)
+        return ["Stopping after the current step; the last checkpoint is kept."] + view_outputs(sid)
 
     def resume(ws_id, request: gr.Request):
         sid = ctx.sid(ws_id, request)
@@ -340,9 +340,9 @@ def build(ctx) -> dict:
                 with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
                     cfg = TrainConfig.from_dict(json.load(f))
             except (OSError, ValueError, ConfigError) as e:
-                return [f"❌ Cannot read the run's config: {e}"] + view_outputs(sid)
+                return [f"**Error:** Cannot read the run's config: {e}"] + view_outputs(sid)
         if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            return ["❌ This run has no checkpoint yet; start it again instead."] + view_outputs(sid)
+            return ["**Error:** This run has no checkpoint yet; start it again instead."] + view_outputs(sid)
         state, history = J.run_state_from_disk(run_dir)
         if state == J.FINISHED:
             return ["This run already finished."] + view_outputs(sid)
@@ -350,9 +350,9 @@ def build(ctx) -> dict:
             cfg = cfg.replace(resume_from_checkpoint="latest").validate()
             new = ctx.jobs.submit(sid, cfg, resume=True)
         except (RuntimeError, ConfigError) as e:
-            return [f"❌ {e}"] + view_outputs(sid)
+            return [f"**Error:** {e}"] + view_outputs(sid)
         new.history = history
-        return [f"▶️ Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
+        return [f"Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
 
     def poll(ws_id, request: gr.Request):
         return view_outputs(ctx.sid(ws_id, request))
