@@ -158,3 +158,40 @@ def test_sessions_are_isolated(app_server, images, tmp_path):
         assert ei.value.code in (403, 404)
     res = b.predict(run="nope", token="hf_x", repo="me/x", private=True, api_name="/push_to_hub")
     assert "No run named" in res
+
+
+def test_job_queue_is_fifo_one_at_a_time_and_cleaner_keeps_runs(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from ui.jobs import JobManager
+    from ui.sessions import Workspaces
+
+    gate, running = threading.Event(), []
+
+    def fake_train(cfg, on_event=None, stop=None):
+        running.append(cfg.output_dir)
+        assert len(running) - len(done) == 1  # never two at once
+        gate.wait(10)
+        done.append(cfg.output_dir)
+        return SimpleNamespace(stopped=stop.is_set())
+
+    done: list = []
+    released = []
+    jm = JobManager(train_fn=fake_train, before_train=[lambda: released.append(1)], step_delay_s=0)
+    jobs = [jm.submit(f"s{i}", SimpleNamespace(output_dir=str(tmp_path / f"r{i}"))) for i in range(3)]
+    time.sleep(0.3)
+    assert [jm.position(j) for j in jobs] == [0, 2, 3]
+    jm.stop(jobs[2])  # a queued job leaves the queue at once
+    assert jobs[2].state == "stopped"
+    gate.set()
+    assert jm.wait_idle(10)
+    assert [j.state for j in jobs] == ["finished", "finished", "stopped"] and len(released) == 2
+
+    ws = Workspaces(str(tmp_path / "root"), max_idle_s=60)
+    up, runs = ws.uploads_dir("abcd1234"), ws.runs_dir("abcd1234")
+    open(os.path.join(up, "x.png"), "w").close()
+    os.makedirs(os.path.join(runs, "r1"))
+    assert ws.clean(now=time.time() + 30) == []
+    assert ws.clean(now=time.time() + 3600) == ["abcd1234"]
+    assert not os.path.exists(up) and os.path.isdir(os.path.join(runs, "r1"))
