@@ -357,6 +357,18 @@ def median_result(results: list[dict]) -> dict:
     return out
 
 
+def fmt_load(load) -> str:
+    return "n/a" if not load else "/".join(f"{v:.2f}" for v in load)
+
+
+def paired_ratio(a: list[dict], b: list[dict], key: str) -> float:
+    """Median over alternating rounds of a[i][key] / b[i][key] (pairs taken close in time cancel slow drifts
+    of a shared machine's load)."""
+    vals = [x[key] / y[key] for x, y in zip(a, b) if x.get(key) and y.get(key) and "error" not in x
+            and "error" not in y]
+    return statistics.median(vals) if vals else float("nan")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl | tiny-sd | real-sdxl | real-sd15 | PATH")
@@ -375,6 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-to-first-image", action="store_true")
     p.add_argument("--tti-steps", type=int, default=25, help="inference steps for --time-to-first-image")
     p.add_argument("--flops-device", default="meta", help="where FLOPs are counted (meta: no memory)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -387,6 +400,9 @@ def main(argv=None) -> int:
     import peft
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     cuda = torch.cuda.is_available()
     dev = device_name()
     path = model_path(args.model)
@@ -424,9 +440,9 @@ def main(argv=None) -> int:
                 o, f = median_result(ours), median_result(ref)
                 runs += [o, f]
                 if "error" not in o and "error" not in f:
-                    ratios["steps_per_s ours/reference"] = o["steps_per_s"] / f["steps_per_s"]
+                    ratios["steps_per_s ours/reference"] = paired_ratio(ours, ref, "steps_per_s")
                     if o.get("peak_bytes") and f.get("peak_bytes"):
-                        ratios["peak_memory ours/reference"] = o["peak_bytes"] / f["peak_bytes"]
+                        ratios["peak_memory ours/reference"] = paired_ratio(ours, ref, "peak_bytes")
         elif args.compare_caches:
             on, off = [], []
             for r in range(args.rounds):
@@ -435,7 +451,7 @@ def main(argv=None) -> int:
             a, b = median_result(on), median_result(off)
             runs += [a, b]
             if "error" not in a and "error" not in b:
-                ratios["steps_per_s caches on/off"] = a["steps_per_s"] / b["steps_per_s"]
+                ratios["steps_per_s caches on/off"] = paired_ratio(on, off, "steps_per_s")
         else:
             runs.append(run_ours(args, path, data, not args.no_cache,
                                  "caches off" if args.no_cache else "caches on"))
@@ -464,12 +480,19 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"# load average before/after: {fmt_load(load_before)} / {fmt_load(load)} "
+          f"(other processes slow CPU timings down)")
     print(f"# train_speed: {args.model} @ {args.resolution}px, batch {args.batch}, rank {args.rank}, "
           f"{args.steps} measured steps after {args.warmup} warm-up, LoRA Ease configuration"
           f"{' + gradient checkpointing, bf16' if cuda and not args.no_gradient_checkpointing else ''}")
     print(table(rows))
     for k, v in ratios.items():
-        print(f"ratio {k}: {v:.3f}")
+        print(f"ratio {k}: {v:.3f}" + (f" (median of {args.rounds} alternating rounds)" if args.rounds > 1 else ""))
+    if args.rounds > 1:
+        for r in runs:
+            if "steps_per_s_all" in r:
+                print(f"  {r['run']}: steps/s per round " + ", ".join(f"{v:.3g}" for v in r["steps_per_s_all"]))
     if tti is not None:
         if "seconds" in tti:
             print(f"time to first image: {tti['seconds']:.2f} s ({tti['inference_steps']} inference steps, "
@@ -481,7 +504,7 @@ def main(argv=None) -> int:
     if args.json:
         payload = {"args": vars(args), "model_path": path, "device": dev, "cuda": cuda,
                    "flops_per_step": flops, "peak_bf16_flops": peak, "runs": runs, "ratios": ratios,
-                   "time_to_first_image": tti, "notes": messages,
+                   "time_to_first_image": tti, "notes": messages, "load_average": [load_before, load],
                    "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                 "transformers": transformers.__version__, "peft": peft.__version__},
                    "date": time.strftime("%Y-%m-%d")}
