@@ -223,3 +223,20 @@ def test_realarch_materialize_small_component():
         out = te(ids, output_hidden_states=True)
     assert out.hidden_states[-2].shape == (1, 7, 768)
     assert torch.isfinite(out.last_hidden_state.float()).all()
+
+
+def test_auto_fit_runs_preflight_then_trains_with_its_plan(tmp_path, tiny_sdxl):
+    from tests.conftest import write_dataset
+    from trainer import TrainConfig, read_events, train
+
+    data = str(tmp_path / "data")
+    write_dataset(data)
+    cfg = TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=data,
+                                   output_dir=str(tmp_path / "run"), max_train_steps=4, auto_fit=True,
+                                   train_text_encoder_ti=True)
+    seen = []
+    res = train(cfg, on_event=seen.append)
+    assert res.step == 4
+    assert any(e.type == "status" and e.phase == "preflight" for e in seen)
+    started = [e for e in read_events(str(tmp_path / "run" / "events.jsonl")) if e["type"] == "started"][0]
+    assert any(n.startswith("auto-fit: Fits") for n in started["notes"])

@@ -80,7 +80,8 @@ def _accelerator(cfg: TrainConfig, run_dir: str):
         log_with = cfg.report_to.value
     # The app trains several runs in one process; accelerate's state is a singleton, so reset what can change.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mp, log_with=log_with,
+    # cpu=True on a machine without CUDA lets accelerate see torchrun/`accelerate launch` ranks as MULTI_CPU (gloo).
+    return Accelerator(mixed_precision=mp, log_with=log_with, cpu=not torch.cuda.is_available(),
                        project_config=ProjectConfiguration(project_dir=run_dir,
                                                            logging_dir=os.path.join(run_dir, cfg.logging_dir)))
 
@@ -103,8 +104,10 @@ def compute_total_steps(cfg: TrainConfig, num_items: int, batches_per_epoch: int
 class Trainer:
     """One training run. Holds the state the loop shares; ``run()`` does the work."""
 
-    def __init__(self, cfg: TrainConfig, on_event=None, stop: Optional[threading.Event] = None, fault_hook=None):
+    def __init__(self, cfg: TrainConfig, on_event=None, stop: Optional[threading.Event] = None, fault_hook=None,
+                 notes: Optional[list[str]] = None):
         self.cfg = cfg.validate()
+        self.extra_notes = list(notes or [])
         self.stop = stop or threading.Event()
         self.fault_hook = fault_hook  # tests inject faults (kill during checkpoint write, OOM, NaN) through this
         self.run_dir = os.path.abspath(cfg.output_dir)
@@ -152,7 +155,7 @@ class Trainer:
         self.world, self.rank = acc.num_processes, acc.process_index
         if acc.is_main_process:
             cfg.save(os.path.join(self.run_dir, "config.json"))
-        notes = list(cfg.warnings())
+        notes = self.extra_notes + list(cfg.warnings())
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
             np.random.seed(cfg.seed % 2**32)
@@ -329,7 +332,19 @@ class Trainer:
         ckpt.restore_global_rng(data["rng"], data["state"])
         return step
 
+    def _check_finite(self, step: int) -> None:
+        """Never write a checkpoint or LoRA whose weights went NaN/inf (the previous checkpoint stays latest)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.pivotal:
+            params += self.pivotal.parameters()
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingError(
+                f"the LoRA weights became NaN/inf at step {step}; nothing was saved over the last good checkpoint.",
+                "Lower the learning rate (AdamW) or use --optimizer prodigy, use --mixed_precision bf16 instead of "
+                "fp16, or the fp16-fix VAE.")
+
     def _save(self, step: int) -> str:
+        self._check_finite(step)
         tensors = {"lora_unet": peft_state_dict(self.comps.unet)}
         if self.te_lora:
             for i, te in enumerate(self.comps.text_encoders):
@@ -565,6 +580,7 @@ class Trainer:
             artifacts["checkpoint"] = ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints")) or ""
         else:
             artifacts["checkpoint"] = self._save(step)
+        self._check_finite(step)
         self.status("export", "writing the LoRA files")
         unet_sd = peft_state_dict(self.comps.unet)
         te_sds = [peft_state_dict(te) for te in self.comps.text_encoders] if self.te_lora else []
@@ -603,4 +619,13 @@ def train(config: TrainConfig, on_event=None, stop: Optional[threading.Event] = 
     """Trains a LoRA as ``config`` says, in the caller's thread. Emits typed events to ``on_event`` and to
     ``<output_dir>/events.jsonl``; checks ``stop`` after every step (a stop saves a checkpoint and the current
     LoRA). Raises TrainingError (after a ``failed`` event) when the run cannot go on."""
-    return Trainer(config, on_event=on_event, stop=stop, fault_hook=fault_hook).run()
+    notes = []
+    if config.auto_fit:
+        from .preflight import preflight
+
+        plan = preflight(config, on_event=on_event)
+        if not plan.fits:
+            raise TrainingError("the run does not fit in memory", plan.message)
+        config = plan.config.replace(auto_fit=False)
+        notes.append(f"auto-fit: {plan.message}")
+    return Trainer(config, on_event=on_event, stop=stop, fault_hook=fault_hook, notes=notes).run()
