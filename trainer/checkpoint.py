@@ -28,6 +28,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the OS, or the same error wrapped by safetensors / torch serialization."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -129,7 +137,7 @@ def save_checkpoint(root: str, step: int, *, tensors: dict[str, dict[str, torch.
         _fsync_dir(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(exc):
             raise CheckpointError(
                 f"the disk is full: checkpoint step-{step} could not be written to {root}. Free some space "
                 "(old runs in outputs/, the Hugging Face cache) and resume with --resume_from_checkpoint latest; "

@@ -115,10 +115,15 @@ class EventLog:
         if path and enabled:
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
+    write_error: Optional[str] = None
+
     def emit(self, event: Event) -> None:
         if self.path and self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event.to_dict()) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event.to_dict()) + "\n")
+            except OSError as exc:  # a full disk must not turn a clear error into a crash of the log itself
+                self.write_error = f"{type(exc).__name__}: {exc}"
         if self.on_event is not None:
             self.on_event(event)
 

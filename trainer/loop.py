@@ -127,7 +127,11 @@ class Trainer:
         except Exception as exc:
             advice = ""
             text = f"{exc}"
-            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+            if ckpt.is_disk_full(exc) and "disk is full" not in text:
+                text = (f"the disk is full ({self.run_dir}): {text.splitlines()[0][:200]}")
+                advice = ("Free some space (old runs in outputs/, the Hugging Face cache) and resume with "
+                          "--resume_from_checkpoint latest; the last complete checkpoint is intact.")
+            elif isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
                 advice, text = OOM_ADVICE, "out of memory: " + text.splitlines()[0][:300]
             elif isinstance(exc, TrainingError):
                 advice = exc.advice
