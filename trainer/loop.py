@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from . import export
 from .config import MixedPrecision, TrainConfig
-from .data.buckets import make_buckets, nearest_bucket
+from .data.buckets import bucket_step_for, make_buckets, nearest_bucket
 from .data.captions import training_caption
 from .data.checks import check_dataset, has_errors
 from .data.sampler import BucketBatchSampler, Sample
@@ -256,7 +256,7 @@ class Trainer:
         self.unet_forward = torch.compile(comps.unet) if cfg.compile_unet else comps.unet
 
         # ---- batches ----------------------------------------------------------------------------------
-        buckets = make_buckets(resolution, cfg.bucket_step) if cfg.aspect_buckets else [(resolution, resolution)]
+        buckets = make_buckets(resolution, bucket_step_for(resolution, cfg.bucket_step)) if cfg.aspect_buckets else [(resolution, resolution)]
         item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
         self.items, self.item_buckets, self.class_items = items, item_buckets, class_items
         global_batch = cfg.train_batch_size * self.world

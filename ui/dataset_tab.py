@@ -269,7 +269,7 @@ def build(ctx) -> dict:
                 sizes.append(load_image(r.path).original_size)
             except ImageProblem:
                 pass
-        h = bucket_histogram(sizes, res, step=max(8, res // 16) if res < 512 else 64)
+        h = bucket_histogram(sizes, res)  # the same buckets the trainer will use (default bucket_step)
         errors = sum(1 for p in found if p.get("severity") == "error")
         warns = len(found) - errors
         if not found:

@@ -18,6 +18,12 @@ def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> lis
     return sorted(buckets)
 
 
+def bucket_step_for(resolution: int, step: int = 64) -> int:
+    """The step actually used: ``step``, but finer for small resolutions (the tiny demo models train at 64 px)
+    so there is more than one bucket; always a multiple of 16 (8 px per latent x one UNet downsampling)."""
+    return max(16, min(step, resolution // 4 // 16 * 16))
+
+
 def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket closest in log aspect ratio (ties: the larger area, so less upscaling)."""
     ar = math.log(width / height)
@@ -27,7 +33,7 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 def bucket_histogram(sizes: list[tuple[int, int]], resolution: int, step: int = 64,
                      enabled: bool = True) -> dict[str, int]:
     """'WxH' -> number of images, for the dataset tab and the CLI summary."""
-    buckets = make_buckets(resolution, step) if enabled else [(resolution, resolution)]
+    buckets = make_buckets(resolution, bucket_step_for(resolution, step)) if enabled else [(resolution, resolution)]
     hist: dict[str, int] = {}
     for w, h in sizes:
         b = nearest_bucket(w, h, buckets)
