@@ -112,6 +112,9 @@ class Trainer:
         self.fault_hook = fault_hook  # tests inject faults (kill during checkpoint write, OOM, NaN) through this
         self.run_dir = os.path.abspath(cfg.output_dir)
         self.on_event = on_event
+        self.latent_cache: dict[tuple, tuple] = {}   # (image, flip, bucket) -> latent + micro-conditioning
+        self.text_cache: dict[str, tuple] = {}       # caption -> (prompt embeds, pooled), once text is frozen
+        self.text_offloaded = False
 
     # ------------------------------------------------------------------------------------------------------
     def status(self, phase: str, message: str, current: int = 0, total: int = 0) -> None:
@@ -291,8 +294,6 @@ class Trainer:
             self._freeze_text()
 
         # ---- caches ------------------------------------------------------------------------------------
-        self.latent_cache: dict[tuple[int, bool, tuple[int, int], str], tuple] = {}
-        self.text_cache: dict[str, tuple] = {}
         if cfg.cache_latents:
             self._cache_latents(device)
 
@@ -317,6 +318,35 @@ class Trainer:
         drop_group_params(self.optimizer, "text")
         self.text_trainable = False
         self.text_cache = {}
+        self._maybe_offload_text_encoders()
+
+    def _fixed_captions(self) -> Optional[list[str]]:
+        """Every caption training can use, when they are fixed (no dropout, no tag shuffling)."""
+        cfg = self.cfg
+        if cfg.caption_dropout > 0 or cfg.shuffle_tags:
+            return None
+        caps = {replace_placeholders(it.caption, cfg.tokens_per_abstraction) if self.pivotal else it.caption
+                for it in self.items}
+        if self.class_items:
+            caps.add(cfg.class_prompt)
+        return sorted(caps)
+
+    def _maybe_offload_text_encoders(self) -> None:
+        """After the pivot on a GPU: encode every caption once, then move the text encoders to the CPU."""
+        device = self.accelerator.device
+        captions = self._fixed_captions()
+        if device.type != "cuda" or not self.cfg.cache_text_embeddings or captions is None:
+            return
+        for start in range(0, len(captions), 16):
+            self._encode_text(captions[start:start + 16])
+        for te in self.comps.text_encoders:
+            te.to("cpu")
+        self.text_offloaded = True
+        self.status("cache_text", f"{len(captions)} prompt embeddings cached; text encoders moved off the GPU")
+
+    def _text_encoders_to(self, device) -> None:
+        for te in self.comps.text_encoders:
+            te.to(device)
 
     def _restore(self, path: str) -> int:
         data = ckpt.load_checkpoint(path)
@@ -420,9 +450,13 @@ class Trainer:
             return (torch.stack([e[0] for e in embs]),
                     torch.stack(pooled) if pooled[0] is not None else None)
         ctx = nullcontext() if self.text_trainable else torch.no_grad()
+        if self.text_offloaded:  # a caption that was not pre-encoded: bring the encoders back for it
+            self._text_encoders_to(self.accelerator.device)
         with ctx:
             ids = fam.tokenize(comps, captions)
             embeds, pooled = fam.encode(comps, ids)
+        if self.text_offloaded:
+            self._text_encoders_to("cpu")
         if use_cache:
             for j, c in enumerate(captions):
                 self.text_cache[c] = (embeds[j].detach(), pooled[j].detach() if pooled is not None else None)
@@ -565,12 +599,16 @@ class Trainer:
         if self.pivotal:
             prompt = replace_placeholders(prompt, cfg.tokens_per_abstraction)
         self.comps.vae.to(self.accelerator.device)
+        if self.text_offloaded:
+            self._text_encoders_to(self.accelerator.device)
         paths = render_samples(self.family, self.comps, prompt=prompt, num_images=cfg.num_validation_images,
                                steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
                                resolution=self.resolution, seed=self.seed, device=self.accelerator.device,
                                out_dir=os.path.join(self.run_dir, "samples"),
                                tag=f"final-step-{step}" if final else f"step-{step}",
                                autocast=self.accelerator.autocast)
+        if self.text_offloaded:
+            self._text_encoders_to("cpu")
         self.log.emit(SampleEvent(step=step, images=paths, prompt=prompt))
         return paths
 

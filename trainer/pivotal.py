@@ -39,10 +39,9 @@ class EmbeddingWithNewTokens(nn.Module):
         return self.num_base + self.new_rows.shape[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # No data-dependent branch (it would force a host-device sync on every prompt encoding).
         is_new = input_ids >= self.num_base
         base = F.embedding(input_ids.clamp(max=self.num_base - 1), self.base.weight)
-        if not bool(is_new.any()):
-            return base
         new = F.embedding((input_ids - self.num_base).clamp(min=0), self.new_rows.to(base.dtype))
         return torch.where(is_new.unsqueeze(-1), new, base)
 

@@ -1,0 +1,118 @@
+"""Options that must really do something: optimizers, schedules, noise offset, DoRA, checkpoint limits,
+trackers, Hub datasets; and secrets that must never be written."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import TrainConfig, read_events, train
+from trainer.loop import Trainer, TrainingError
+
+BASE = dict(pretrained_model_name_or_path="tiny-sdxl", max_train_steps=4, rank=4, seed=1)
+
+
+def cfg(dataset, out, **kw):
+    return TrainConfig.from_sources(**{**BASE, "instance_data_dir": dataset, "output_dir": out, **kw})
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adafactor", 1e-3), ("prodigy", 1.0), ("adamw", 1e-3)])
+def test_optimizers_train(dataset, tmp_path, tiny_sdxl, optimizer, lr):
+    t = Trainer(cfg(dataset, str(tmp_path / "r"), optimizer=optimizer, learning_rate=lr)).open()
+    t.setup()
+    before = {n: p.detach().clone() for n, p in t.comps.unet.named_parameters() if p.requires_grad}
+    t._loop(0, t.total)
+    after = dict(t.comps.unet.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_adamw8bit_without_cuda_says_so(dataset, tmp_path, tiny_sdxl):
+    with pytest.raises(TrainingError, match="adamw8bit"):
+        train(cfg(dataset, str(tmp_path / "r"), optimizer="adamw8bit"))
+
+
+@pytest.mark.parametrize("sched", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                   "polynomial"])
+def test_lr_schedules_follow_their_shape(dataset, tmp_path, tiny_sdxl, sched):
+    res = train(cfg(dataset, str(tmp_path / "r"), lr_scheduler=sched, lr_warmup_steps=2, learning_rate=1e-3,
+                    optimizer="adamw", max_train_steps=6, lr_num_cycles=2, lr_power=2.0))
+    lrs = [e["lr"] for e in read_events(os.path.join(res.run_dir, "events.jsonl")) if e["type"] == "step"]
+    assert lrs[0] < 1e-3  # warm-up
+    if sched == "constant_with_warmup":
+        assert lrs[-1] == pytest.approx(1e-3)
+    else:
+        assert lrs[-1] < max(lrs)
+
+
+def test_pivotal_optimizer_state_is_new_tokens_times_hidden_sizes(dataset, tmp_path, tiny_sdxl):
+    t = Trainer(cfg(dataset, str(tmp_path / "r"), train_text_encoder_ti=True, optimizer="adamw",
+                    learning_rate=1e-3, max_train_steps=4)).open()
+    t.setup()
+    t._loop(0, 1)  # one step, before the pivot
+    text = [g for g in t.optimizer.param_groups if g["name"] == "text"][0]
+    trainable = sum(p.numel() for p in text["params"])
+    assert trainable == 2 * (32 + 48)  # 2 new tokens x (CLIP-L width + CLIP-G width), not the vocabulary
+    state = sum(v.numel() for p in text["params"] for v in t.optimizer.state[p].values() if v.ndim > 0)
+    assert state == 2 * trainable  # Adam's two moments, for the new rows only
+
+
+def test_noise_offset_and_dora_and_snr(dataset, tmp_path, tiny_sdxl):
+    res = train(cfg(dataset, str(tmp_path / "r"), noise_offset=0.1, use_dora=True, snr_gamma=5.0))
+    sd = load_file(res.artifacts["diffusers"])
+    assert any("magnitude" in k or "dora" in k for k in sd), list(sd)[:5]
+
+
+def test_checkpoints_total_limit(dataset, tmp_path, tiny_sdxl):
+    res = train(cfg(dataset, str(tmp_path / "r"), max_train_steps=8, checkpointing_steps=2,
+                    checkpoints_total_limit=2))
+    assert sorted(os.listdir(os.path.join(res.run_dir, "checkpoints"))) == ["step-6", "step-8"]
+
+
+def test_missing_tracker_package_is_a_clear_error(dataset, tmp_path, tiny_sdxl, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(TrainingError, match="pip install wandb"):
+        train(cfg(dataset, str(tmp_path / "r"), report_to="wandb"))
+
+
+def test_hub_dataset_columns_through_datasets(tmp_path, tiny_sdxl, monkeypatch):
+    """The --dataset_name path for Hub datasets (load_dataset is replaced by an in-memory dataset, as the Hub
+    is unreachable here): image and caption columns are used, a wrong column is named in the error."""
+    import datasets
+    from PIL import Image
+
+    from trainer.data.sources import DatasetError, load_items
+
+    rows = {"image": [Image.new("RGB", (64 + 16 * i, 64), (i * 40, 0, 0)) for i in range(3)],
+            "prompt": [f"TOK icon {i}" for i in range(3)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(rows))
+    c = TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sdxl", dataset_name="someone/icons",
+                                 caption_column="prompt", output_dir=str(tmp_path / "o"))
+    items, problems = load_items(c)
+    assert [it.caption for it in items] == rows["prompt"] and items[2].size == (96, 64) and not problems
+    with pytest.raises(DatasetError, match="caption_column 'text'.*columns"):
+        load_items(c.replace(caption_column="text"))
+
+
+def test_hub_token_never_lands_in_the_run_folder(dataset, tmp_path, tiny_sdxl):
+    token = "hf_SuperSecretTokenValue1234567890"
+    events = []
+    with pytest.raises(TrainingError) as err:
+        train(cfg(dataset, str(tmp_path / "r"), push_to_hub=True, hub_model_id="someone/lora", hub_token=token),
+              on_event=events.append)
+    assert "Push to the Hub failed" in str(err.value) and token not in str(err.value)
+    assert all(token not in str(e.to_dict()) for e in events)
+    for dirpath, _, files in os.walk(tmp_path / "r"):
+        for f in files:
+            data = open(os.path.join(dirpath, f), "rb").read()
+            assert token.encode() not in data, f
