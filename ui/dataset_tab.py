@@ -83,30 +83,32 @@ def problems_table(problems: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PROBLEM_HEADERS)
 
 
-def ingest_files(paths: list[str], dest: str) -> tuple[list[str], list[dict]]:
-    """Copies good images (and extracts zips) into ``dest``; bad files give one problem each and are dropped."""
-    added, problems = [], []
+# Problems of a zip that leave the image in the dataset (shown as warnings, not as skipped files).
+_KEPT_CODES = frozenset({"caption_not_utf8", "caption_too_large", "unreadable_caption", "missing_caption_column",
+                         "bad_caption"})
+
+
+def ingest_files(paths: list[str], dest: str) -> tuple[list[str], list[dict], list[dict]]:
+    """Copies good images (and the images of zips) into ``dest``; bad files give one problem each and are dropped.
+
+    Returns ``(added paths, problems, notes)``: problems are dicts (file, code, severity, message, fix) with
+    severity "error" (file skipped) or "warning" (file kept); notes tell what was done to accepted files
+    (16-bit scaled, first frame of an animation, EXIF rotation, renamed...).
+    """
+    added, problems, notes = [], [], []
     taken = {n.lower() for n in os.listdir(dest)}
     for src in paths or []:
         src = src if isinstance(src, str) else getattr(src, "name", str(src))
         shown = os.path.basename(src)
         if shown.lower().endswith(".zip"):
-            res = safe_extract_zip(src, dest)
-            problems += [dict(p.to_dict(), severity="error") for p in res.problems]
-            for p in res.extracted:
-                if not is_image_name(p):
-                    continue
-                try:
-                    load_image(p)
-                    added.append(p)
-                except ImageProblem as e:
-                    problems.append({"file": f"{shown}: {os.path.relpath(p, dest)}", "code": e.code,
-                                     "severity": "error", "message": e.message, "fix": e.fix})
-                    _unlink(p)
+            a, p, n = _ingest_zip(src, shown, dest)
+            added += a
+            problems += p
+            notes += n
             taken = {n.lower() for n in os.listdir(dest)}
             continue
         try:
-            load_image(src)
+            loaded = load_image(src)
         except ImageProblem as e:
             problems.append({"file": shown, "code": e.code, "severity": "error", "message": e.message, "fix": e.fix})
             continue
@@ -115,7 +117,67 @@ def ingest_files(paths: list[str], dest: str) -> tuple[list[str], list[dict]]:
         target = os.path.join(dest, name)
         shutil.copyfile(src, target)
         added.append(target)
-    return added, problems
+        file_notes = list(loaded.notes)
+        if name != shown:
+            file_notes.append(f"saved as '{name}'")
+        if file_notes:
+            notes.append({"file": shown, "message": "; ".join(file_notes)})
+    return added, problems, notes
+
+
+def _ingest_zip(src: str, shown: str, dest: str) -> tuple[list[str], list[dict], list[dict]]:
+    """Extracts a zip into a hidden staging folder, reads its metadata.jsonl / .txt captions, checks every image
+    and moves the good ones (with a .txt caption) into ``dest``. Problems name '<zip>: <entry>'."""
+    import tempfile
+
+    from trainer.data.ingest import collect_folder
+
+    added, problems, notes = [], [], []
+
+    def prob(file, code, message, fix, severity="error"):
+        problems.append({"file": f"{shown}: {file}" if file != shown else shown, "code": code,
+                         "severity": severity, "message": message, "fix": fix})
+
+    staging = tempfile.mkdtemp(prefix=".zip-", dir=dest)
+    try:
+        res = safe_extract_zip(src, staging)
+        for p in res.problems:
+            prob(p.file, p.code, p.message, p.fix)
+        records, folder_probs = collect_folder(staging)
+        for p in folder_probs:
+            prob(p.file, p.code, p.message, p.fix, "warning" if p.code in _KEPT_CODES else "error")
+        captions: dict[str, str] = {}
+        for dirpath, _dirs, files in os.walk(staging):
+            if "metadata.jsonl" in files:
+                recs, meta_probs = read_metadata_jsonl(dirpath)
+                rel_dir = os.path.relpath(dirpath, staging)
+                for p in meta_probs:
+                    where = p.file if rel_dir == "." else f"{rel_dir}/{p.file}"
+                    prob(where, p.code, p.message, p.fix, "warning" if p.code in _KEPT_CODES else "error")
+                captions.update({os.path.realpath(r.path): r.caption for r in recs if r.caption is not None})
+        for rec in records:
+            rel = rec.source_name
+            try:
+                loaded = load_image(rec.path)
+            except ImageProblem as e:
+                prob(rel, e.code, e.message, e.fix)
+                continue
+            rel_dir = os.path.dirname(rel)
+            target_dir = os.path.join(dest, rel_dir) if rel_dir else dest
+            os.makedirs(target_dir, exist_ok=True)
+            name = safe_filename(os.path.basename(rel), taken={n.lower() for n in os.listdir(target_dir)})
+            target = os.path.join(target_dir, name)
+            os.replace(rec.path, target)
+            added.append(target)
+            caption = captions.get(os.path.realpath(rec.path), rec.caption)
+            if caption is not None:
+                with open(os.path.splitext(target)[0] + ".txt", "w", encoding="utf-8") as f:
+                    f.write(caption)
+            if loaded.notes:
+                notes.append({"file": f"{shown}: {rel}", "message": "; ".join(loaded.notes)})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return added, problems, notes
 
 
 def _unlink(p: str) -> None:
@@ -203,7 +265,7 @@ def build(ctx) -> dict:
     def on_upload(files, ws_id, request: gr.Request):
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
         before = {r.path: r.caption for r in read_records(folder)}
-        added, probs = ingest_files(files or [], folder)
+        added, probs, notes = ingest_files(files or [], folder)
         recs = read_records(folder)
         for r in recs:  # keep the captions the user already had
             if r.path in before and before[r.path]:
@@ -211,9 +273,17 @@ def build(ctx) -> dict:
         save_records(folder, recs)
         save_problems(folder, probs)
         lines = [f"Added **{len(added)}** image(s); the dataset has **{len(recs)}**."]
-        if probs:
-            lines.append(f"**{len(probs)} file(s) skipped:**")
-            lines += [f"- `{p['file']}`: {p['message']} *Fix:* {p['fix']}" for p in probs]
+        skipped = [p for p in probs if p.get("severity") == "error"]
+        warned = [p for p in probs if p.get("severity") != "error"]
+        if skipped:
+            lines.append(f"**{len(skipped)} file(s) skipped:**")
+            lines += [f"- `{p['file']}`: {p['message']} *Fix:* {p['fix']}" for p in skipped]
+        if warned:
+            lines.append(f"**{len(warned)} warning(s), file(s) kept:**")
+            lines += [f"- `{p['file']}`: {p['message']} *Fix:* {p['fix']}" for p in warned]
+        if notes:
+            lines.append("**Notes:**")
+            lines += [f"- `{n['file']}`: {n['message']}" for n in notes]
         return None, gallery_of(recs), table_of(recs), "\n".join(lines), problems_table(probs)
 
     def on_caption(model, concept, trigger, overwrite, ws_id, request: gr.Request, progress=gr.Progress()):

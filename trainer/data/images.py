@@ -185,6 +185,20 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")  # "1", "L", "CMYK", "YCbCr", "HSV", "RGBX", ... (LAB raises -> handled by caller)
 
 
+def _header_dims(path: str) -> Optional[tuple[int, int]]:
+    """(width, height) read from a PNG or GIF header without Pillow (which refuses zero sizes), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    return None
+
+
 def _open_formats() -> list[str]:
     """Accepted formats that have their own opener (MPO files are opened by the JPEG plugin)."""
     Image.init()
@@ -240,6 +254,10 @@ def load_image(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise bomb from None
         except UnidentifiedImageError:
+            dims = _header_dims(path)
+            if dims is not None and 0 in dims:
+                raise ImageProblem("not_an_image", f"'{name}' has no pixels: its header says {dims[0]}x{dims[1]} "
+                                   "(zero width or height).", "Replace it with a real image.", path) from None
             other = _identify_other_format(path)
             if other:
                 raise _unsupported(name, f"a {other} file", path) from None

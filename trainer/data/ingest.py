@@ -451,8 +451,18 @@ def _read_caption(path: str, shown: str, problems: list[IngestProblem]) -> Optio
                                       f"Caption file '{shown}' is larger than {MAX_CAPTION_BYTES // 1024} KB; "
                                       "only the beginning was used.", "Keep captions to a sentence or two."))
         data = data[:MAX_CAPTION_BYTES]
-    text = data.decode("utf-8-sig", errors="replace").replace("\x00", "")
-    return text.strip()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if len(data) == MAX_CAPTION_BYTES and e.start >= len(data) - 3:  # cut inside the last character
+            text = data[:e.start].decode("utf-8-sig", errors="replace")
+        else:  # not UTF-8: most often a Windows editor's ANSI (cp1252 / Latin-1) text
+            text = data.decode("cp1252", errors="replace")
+            problems.append(IngestProblem(shown, "caption_not_utf8",
+                                          f"Caption file '{shown}' is not UTF-8 text (invalid byte at position "
+                                          f"{e.start}); it was read as Windows-1252/Latin-1, so check its accents.",
+                                          "Save the caption file as UTF-8."))
+    return text.replace("\x00", "").strip()
 
 
 def collect_folder(folder: PathLike, max_files: int = 10_000) -> tuple[list[Record], list[IngestProblem]]:
@@ -460,7 +470,8 @@ def collect_folder(folder: PathLike, max_files: int = 10_000) -> tuple[list[Reco
 
     Hidden files/folders and ``__MACOSX`` are ignored. Symlinks are followed only when they resolve inside the
     folder; one pointing out gives a ``symlink_outside`` problem. Files with a known but unsupported image
-    extension (HEIC, PSD...) give ``unsupported_format``. Returns ``(records, problems)``.
+    extension (HEIC, PSD...) give ``unsupported_format``. A caption file that is not UTF-8 is read as cp1252 and
+    gives ``caption_not_utf8`` (the image is kept). Returns ``(records, problems)``.
     """
     root = os.path.realpath(os.fspath(folder))
     records: list[Record] = []
