@@ -20,10 +20,10 @@ import torch
 
 from . import checkpoint as ckpt
 from . import export
-from .config import MixedPrecision, TrainConfig
+from .config import TrainConfig
 from .data.buckets import bucket_step_for, make_buckets, nearest_bucket
 from .data.captions import training_caption
-from .data.checks import check_dataset, has_errors
+from .data.checks import check_dataset
 from .data.sampler import BucketBatchSampler, Sample
 from .data.sources import TrainItem, load_class_items, load_items
 from .data.transforms import prepare_image
@@ -32,7 +32,7 @@ from .families import detect_family, get_family, resolve
 from .lora import add_text_encoder_lora, add_unet_lora, load_peft_state_dict, peft_state_dict
 from .loss import diffusion_loss, target_for
 from .optim import build_optimizer, build_scheduler, drop_group_params, effective_lr
-from .pivotal import PivotalTokens, materialize, replace_placeholders
+from .pivotal import PivotalTokens, replace_placeholders
 from .prior import generate_class_images
 from .validation import render_samples
 

@@ -102,18 +102,6 @@ def set_token_embedding(text_encoder, module: nn.Module) -> None:
     getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding = module
 
 
-def materialize(text_encoder) -> None:
-    """Turns an EmbeddingWithNewTokens back into a plain nn.Embedding (for export / ordinary pipelines)."""
-    emb = text_encoder.get_input_embeddings()
-    if isinstance(emb, EmbeddingWithNewTokens):
-        weight = emb.weight.detach()
-        plain = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
-        plain.weight.data.copy_(weight)
-        plain.weight.requires_grad_(False)
-        set_token_embedding(text_encoder, plain)
-        text_encoder.config.vocab_size = weight.shape[0]
-
-
 def replace_placeholders(text: str, mapping: dict[str, list[str]]) -> str:
     """'a photo of TOK' -> 'a photo of <s0><s1>' (whole words only, so 'TOKYO' stays)."""
     for abst, toks in mapping.items():

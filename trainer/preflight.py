@@ -25,7 +25,6 @@ timed separately when the measurement covers both (the measurement's pivot is pl
 from __future__ import annotations
 
 import gc
-import math
 import os
 import shutil
 import tempfile

@@ -18,16 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
-import threading
 from typing import Any
 
-from .tiny import _write_clip_tokenizer_files, cache_root
+from .tiny import _write_clip_tokenizer_files, build_cached, cache_root
 
 REAL_MODELS = ("real-sdxl", "real-sd15")
 CLIP_VOCAB_SIZE = 49408
-_BUILD_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,26 +294,9 @@ def real_model_path(name: str = "real-sdxl", build: bool = True, dtype=None) -> 
     SDXL takes ~7 GB of disk in bf16 and a few minutes of CPU."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown real-architecture model {name!r}; choose one of {', '.join(REAL_MODELS)}")
-    root = os.path.join(cache_root(), "realarch")
-    path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, "model_index.json")) or not build:
-        return path
-    with _BUILD_LOCK:
-        if os.path.exists(os.path.join(path, "model_index.json")):
-            return path
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
-        try:
-            out = os.path.join(tmp, "model")
-            _BUILDERS[name](out, dtype=dtype, tmp=tmp)
-            try:
-                os.rename(out, path)
-            except OSError:
-                if not os.path.exists(os.path.join(path, "model_index.json")):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    if not build:
+        return os.path.join(cache_root(), "realarch", name)
+    return build_cached("realarch", name, lambda out, tmp: _BUILDERS[name](out, dtype=dtype, tmp=tmp))
 
 
 if __name__ == "__main__":  # python -m trainer.realarch real-sdxl

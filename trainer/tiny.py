@@ -206,13 +206,12 @@ _BUILDERS = {
 }
 
 
-def tiny_model_path(name: str = "tiny-sdxl", build: bool = True) -> str:
-    """Folder of the tiny model ``name``; built once (atomically: temp folder, then rename)."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
-    root = os.path.join(cache_root(), "tiny")
+def build_cached(kind: str, name: str, builder) -> str:
+    """``<cache>/<kind>/<name>``, built once by ``builder(out_dir, tmp_dir)`` into a temporary folder and then
+    renamed into place, so a crash mid-build never leaves a half model that looks finished."""
+    root = os.path.join(cache_root(), kind)
     path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, "model_index.json")) or not build:
+    if os.path.exists(os.path.join(path, "model_index.json")):
         return path
     with _BUILD_LOCK:
         if os.path.exists(os.path.join(path, "model_index.json")):
@@ -221,7 +220,7 @@ def tiny_model_path(name: str = "tiny-sdxl", build: bool = True) -> str:
         tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
         try:
             out = os.path.join(tmp, "model")
-            _BUILDERS[name](out, tmp)
+            builder(out, tmp)
             try:
                 os.rename(out, path)
             except OSError:
@@ -230,6 +229,15 @@ def tiny_model_path(name: str = "tiny-sdxl", build: bool = True) -> str:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def tiny_model_path(name: str = "tiny-sdxl", build: bool = True) -> str:
+    """Folder of the tiny model ``name``; built once (atomically: temp folder, then rename)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    if not build:
+        return os.path.join(cache_root(), "tiny", name)
+    return build_cached("tiny", name, _BUILDERS[name])
 
 
 def resolve_model_id(model_id: str) -> str:

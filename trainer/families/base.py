@@ -45,6 +45,33 @@ class ModelFamily:
              dtype=torch.float32) -> Components:
         raise NotImplementedError
 
+    def _load_parts(self, model_path: str, text_encoder_classes: list, *, revision=None, variant=None,
+                    vae_path=None, cache_dir=None, dtype=torch.float32) -> Components:
+        """Loads tokenizers, text encoders (one class per ``text_encoder_attrs``), UNet, VAE and the training
+        noise scheduler from a diffusers folder or Hub id; any failure becomes a ModelLoadError that says what to do."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer
+
+        from .loading import wrap_load_error
+
+        kw = dict(revision=revision, cache_dir=cache_dir)
+        try:
+            tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=sub, use_fast=False, **kw)
+                          for sub in self.tokenizer_attrs]
+            encoders = [cls.from_pretrained(model_path, subfolder=sub, variant=variant, torch_dtype=dtype, **kw)
+                        for cls, sub in zip(text_encoder_classes, self.text_encoder_attrs)]
+            unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=variant,
+                                                        torch_dtype=dtype, **kw)
+            if vae_path:
+                vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir)
+            else:
+                vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=variant, **kw)
+            sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+        except Exception as exc:
+            raise wrap_load_error(model_path, exc) from None
+        return Components(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                          noise_scheduler=sched, model_path=model_path, vae_path=vae_path)
+
     def default_resolution(self, components: Components) -> int:
         size = getattr(components.vae.config, "sample_size", None)
         return int(size) if size else 512

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .base import Components, ModelFamily
-from .loading import wrap_load_error
 
 
 class SDFamily(ModelFamily):
@@ -19,25 +18,10 @@ class SDFamily(ModelFamily):
 
     def load(self, model_path, *, revision=None, variant=None, vae_path=None, cache_dir=None,
              dtype=torch.float32) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
-        kw = dict(revision=revision, cache_dir=cache_dir)
-        try:
-            tok = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer", use_fast=False, **kw)
-            te = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=variant,
-                                               torch_dtype=dtype, **kw)
-            unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=variant,
-                                                        torch_dtype=dtype, **kw)
-            if vae_path:
-                vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir)
-            else:
-                vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=variant, **kw)
-            sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
-        except Exception as exc:
-            raise wrap_load_error(model_path, exc) from None
-        return Components(unet=unet, vae=vae, text_encoders=[te], tokenizers=[tok], noise_scheduler=sched,
-                          model_path=model_path, vae_path=vae_path)
+        return self._load_parts(model_path, [CLIPTextModel], revision=revision, variant=variant,
+                                vae_path=vae_path, cache_dir=cache_dir, dtype=dtype)
 
     def default_resolution(self, c: Components) -> int:
         # SD 2.x v-prediction models are 768 px, everything else in this family 512 px (tiny models: their VAE size).

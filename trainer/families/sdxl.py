@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .base import Components, ModelFamily
-from .loading import wrap_load_error
 
 
 class SDXLFamily(ModelFamily):
@@ -19,28 +18,10 @@ class SDXLFamily(ModelFamily):
 
     def load(self, model_path, *, revision=None, variant=None, vae_path=None, cache_dir=None,
              dtype=torch.float32) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        kw = dict(revision=revision, cache_dir=cache_dir)
-        try:
-            tok1 = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer", use_fast=False, **kw)
-            tok2 = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", use_fast=False, **kw)
-            te1 = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=variant,
-                                                torch_dtype=dtype, **kw)
-            te2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2",
-                                                              variant=variant, torch_dtype=dtype, **kw)
-            unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=variant,
-                                                        torch_dtype=dtype, **kw)
-            if vae_path:
-                vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir)
-            else:
-                vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=variant, **kw)
-            sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
-        except Exception as exc:
-            raise wrap_load_error(model_path, exc) from None
-        return Components(unet=unet, vae=vae, text_encoders=[te1, te2], tokenizers=[tok1, tok2],
-                          noise_scheduler=sched, model_path=model_path, vae_path=vae_path)
+        return self._load_parts(model_path, [CLIPTextModel, CLIPTextModelWithProjection], revision=revision, variant=variant,
+                                vae_path=vae_path, cache_dir=cache_dir, dtype=dtype)
 
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
