@@ -6,6 +6,8 @@ import shutil
 
 import gradio as gr
 
+from trainer.data.ingest import safe_filename
+
 from . import jobs as J
 
 SCHEDULER_NAMES = ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
@@ -19,6 +21,10 @@ def scheduler_names() -> list[str]:
         return list(SCHEDULERS)
     except Exception:
         return SCHEDULER_NAMES
+
+
+def _path_of(f) -> str:
+    return f if isinstance(f, str) else getattr(f, "name", None) or str(f)
 
 
 def finished_runs(ctx, sid: str) -> list[str]:
@@ -90,14 +96,17 @@ def build(ctx) -> dict:
                     raise gr.Error("That run is still training; wait for it to finish.")
                 req = request_from_run(run_dir, **common)
             elif lora_v:
+                # Keep the uploaded names: the engine refuses anything but .safetensors by name (a .ckpt renamed
+                # here would hide that), and its messages then name the user's own file.
                 folder = os.path.join(ctx.workspaces.session_dir(sid), "uploads", ".lora")
-                os.makedirs(folder, exist_ok=True)
-                lp = os.path.join(folder, "lora.safetensors")
-                shutil.copyfile(lora_v, lp)
+                shutil.rmtree(folder, ignore_errors=True)
+                os.makedirs(os.path.join(folder, "emb"), exist_ok=True)
+                lp = os.path.join(folder, safe_filename(os.path.basename(_path_of(lora_v))))
+                shutil.copyfile(_path_of(lora_v), lp)
                 ep = None
                 if emb_v:
-                    ep = os.path.join(folder, "lora_emb.safetensors")
-                    shutil.copyfile(emb_v, ep)
+                    ep = os.path.join(folder, "emb", safe_filename(os.path.basename(_path_of(emb_v))))
+                    shutil.copyfile(_path_of(emb_v), ep)
                 req = GenerateRequest(base_model=(up_base_v or "").strip(), lora_path=lp, embeddings_path=ep, **common)
             else:
                 raise gr.Error("Pick a trained run, or upload a LoRA .safetensors file.")
