@@ -177,6 +177,7 @@ def test_generate_bad_uploads_give_clear_messages(setup, tmp_path):
         with pytest.raises(Exception) as ei:
             call(c, "/generate", **gen_kwargs(run=UPLOADED, **kw))
         msg = str(ei.value)
+        print("generate refused:", msg[:160])
         assert all(re.search(f, msg) for f in fragments), (fragments, msg)
         assert "Traceback" not in msg
         # a normal generate right after works
