@@ -173,8 +173,8 @@ class Trainer:
         # ---- data --------------------------------------------------------------------------------------
         self.status("data", "reading images")
         items, problems = load_items(cfg)
-        for p in problems:
-            notes.append(f"skipped {p.file}: {p.message}")
+        for p in problems:  # caption problems keep their image; every other problem means the file was skipped
+            notes.append(f"{'' if p.code.startswith('caption') else 'skipped '}{p.file}: {p.message}")
         # ---- model -------------------------------------------------------------------------------------
         model_path = resolve(cfg.pretrained_model_name_or_path)
         family = (detect_family(model_path, cfg.revision, cfg.cache_dir) if cfg.model_family.value == "auto"

@@ -10,6 +10,12 @@ from trainer.data.ingest import safe_filename
 
 from . import jobs as J
 
+
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 SCHEDULER_NAMES = ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
 UPLOADED = "(uploaded LoRA files)"
 
@@ -81,6 +87,12 @@ def build(ctx) -> dict:
         except ImportError:
             raise gr.Error("Image generation is not available in this build yet.")
         sid = ctx.sid(ws_id, request)
+        if ctx.jobs.busy() and _gpu_present():
+            # One GPU job at a time: a generation next to a running training would fight it for GPU memory.
+            job = ctx.jobs.latest(sid)
+            mine = job is not None and job.state in J.ACTIVE
+            raise gr.Error("The GPU is busy training" + (" your run" if mine else " a LoRA") +
+                           f" ({ctx.jobs.queue_length()} more waiting). Generation opens again when it finishes.")
         common = dict(prompt=prompt_v or "", negative_prompt=neg_v or "", scheduler=sched_v, steps=int(steps_v),
                       guidance_scale=float(guid_v), lora_scale=float(scale_v), num_images=int(n_v),
                       width=int(w_v) if w_v else None, height=int(h_v) if h_v else None,
