@@ -114,3 +114,12 @@ def make_images(folder: str, n: int = 4) -> list[str]:
 @pytest.fixture
 def images(tmp_path) -> list[str]:
     return make_images(str(tmp_path / "imgs"))
+
+
+def call(client, api_name, **kwargs):
+    """predict() by keyword, giving None to the parameters without a default (empty optional numbers)."""
+    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"][api_name]["parameters"]
+    for p in params:
+        if not p.get("parameter_has_default") and p["parameter_name"] not in kwargs:
+            kwargs[p["parameter_name"]] = None
+    return client.predict(api_name=api_name, **kwargs)

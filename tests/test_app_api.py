@@ -9,21 +9,12 @@ import urllib.request
 import pytest
 from gradio_client import Client, handle_file
 
-from app_fixtures import app_server, images, make_images  # noqa: F401  (fixtures)
+from app_fixtures import app_server, call, images, make_images  # noqa: F401  (fixtures)
 from trainer.config import TrainConfig, coerce_field, load_preset
 
 
 def client_for(server) -> Client:
     return Client(server.url, verbose=False)
-
-
-def call(client, api_name, **kwargs):
-    """predict() by keyword, giving None to the parameters without a default (empty optional numbers)."""
-    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"][api_name]["parameters"]
-    for p in params:
-        if not p.get("parameter_has_default") and p["parameter_name"] not in kwargs:
-            kwargs[p["parameter_name"]] = None
-    return client.predict(api_name=api_name, **kwargs)
 
 
 def status(client) -> dict:

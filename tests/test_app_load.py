@@ -18,20 +18,11 @@ import torch
 from gradio_client import Client, handle_file
 from safetensors.torch import save_file
 
-from app_fixtures import OFFLINE_ENV, REPO, start_app, stop_app
+from app_fixtures import OFFLINE_ENV, REPO, call, start_app, stop_app
 from conftest import write_dataset
 
 UPLOADED = "(uploaded LoRA files)"
 RUN = "load-run"
-
-
-def call(client, api_name, **kwargs):
-    """predict() by keyword, giving None to the parameters without a default (as in test_app_api)."""
-    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"][api_name]["parameters"]
-    for p in params:
-        if not p.get("parameter_has_default") and p["parameter_name"] not in kwargs:
-            kwargs[p["parameter_name"]] = None
-    return client.predict(api_name=api_name, **kwargs)
 
 
 def gen_kwargs(**kw):

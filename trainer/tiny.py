@@ -129,32 +129,29 @@ def _vae(scaling_factor: float, seed: int):
     )
 
 
-def _build_sdxl(out: str, tmp: str) -> None:
+def _unet(cross_attention_dim: int, seed: int, **extra):
+    """The tiny UNet both families share: two levels, one attention level, 32/64 channels."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=cross_attention_dim,
+        norm_num_groups=16, **extra)
+
+
+def _build_sdxl(out: str, tmp: str) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tok, n = _tokenizer(tmp)
     # eos_token_id=2 mirrors the legacy value in the real SDXL configs (pooled output taken at argmax(ids)).
     te1 = _text_encoder(n, 32, False, 2, seed=1)
     te2 = _text_encoder(n, 48, True, 2, seed=2)
-    torch.manual_seed(3)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=32 + 48,
-        norm_num_groups=16,
-    )
+    unet = _unet(32 + 48, seed=3, attention_head_dim=(2, 4), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+                 projection_class_embeddings_input_dim=6 * 8 + 32)
     sched = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
@@ -167,25 +164,12 @@ def _build_sdxl(out: str, tmp: str) -> None:
 
 
 def _build_sd(out: str, tmp: str, v_prediction: bool) -> None:
-    import torch
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 
     tok, n = _tokenizer(tmp)
     te = _text_encoder(n, 32, False, 2, seed=11)
-    torch.manual_seed(13)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4) if v_prediction else 4,
-        use_linear_projection=v_prediction,
-        cross_attention_dim=32,
-        norm_num_groups=16,
-    )
+    unet = _unet(32, seed=13, attention_head_dim=(2, 4) if v_prediction else 4,
+                 use_linear_projection=v_prediction)
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   steps_offset=1)
     if v_prediction:
