@@ -11,11 +11,6 @@ from trainer.data.ingest import safe_filename
 from . import jobs as J
 
 
-def _gpu_present() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
 SCHEDULER_NAMES = ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
 UPLOADED = "(uploaded LoRA files)"
 
@@ -87,7 +82,7 @@ def build(ctx) -> dict:
         except ImportError:
             raise gr.Error("Image generation is not available in this build yet.")
         sid = ctx.sid(ws_id, request)
-        if ctx.jobs.busy() and _gpu_present():
+        if ctx.cuda and ctx.jobs.busy():
             # One GPU job at a time: a generation next to a running training would fight it for GPU memory.
             job = ctx.jobs.latest(sid)
             mine = job is not None and job.state in J.ACTIVE
