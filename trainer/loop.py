@@ -43,10 +43,6 @@ class TrainingError(RuntimeError):
         self.advice = advice
 
 
-class TrainingStopped(Exception):
-    pass
-
-
 @dataclass
 class RunResult:
     run_dir: str
@@ -125,8 +121,6 @@ class Trainer:
         try:
             self.setup()
             return self._loop(self.step, self.total)
-        except TrainingStopped:
-            raise
         except Exception as exc:
             advice = ""
             text = f"{exc}"
