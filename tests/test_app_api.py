@@ -186,3 +186,21 @@ def test_job_queue_is_fifo_one_at_a_time_and_cleaner_keeps_runs(tmp_path):
     assert ws.clean(now=time.time() + 30) == []
     assert ws.clean(now=time.time() + 3600) == ["abcd1234"]
     assert not os.path.exists(up) and os.path.isdir(os.path.join(runs, "r1"))
+
+
+def test_captioner_and_engine_are_released_before_training_starts(tmp_path):
+    """The app's job manager runs these hooks before every training: the captioner leaves memory."""
+    import captioning
+    from captioning import caption
+    from PIL import Image
+
+    from ui import build_app
+
+    caption([Image.new("RGB", (32, 32))], model="tiny-blip", batch_size=1)
+    assert captioning.loaded_captioners()
+    demo, _ = build_app(root=str(tmp_path / "root"), max_idle_s=3600)
+    hooks = demo.ls_context.jobs.before_train
+    assert hooks, "the app registers release hooks on its job manager"
+    for hook in hooks:
+        hook()
+    assert captioning.loaded_captioners() == []

@@ -116,3 +116,13 @@ def test_hub_token_never_lands_in_the_run_folder(dataset, tmp_path, tiny_sdxl):
         for f in files:
             data = open(os.path.join(dirpath, f), "rb").read()
             assert token.encode() not in data, f
+
+
+def test_final_samples_use_the_learnt_tokens(dataset, tmp_path, tiny_sdxl):
+    res = train(cfg(dataset, str(tmp_path / "r"), train_text_encoder_ti=True, validation_prompt="a photo of TOK",
+                    num_validation_images=1, validation_inference_steps=2, validation_steps=2))
+    samples = [e for e in read_events(os.path.join(res.run_dir, "events.jsonl")) if e["type"] == "sample"]
+    assert [s["step"] for s in samples] == [2, 4]  # every validation_steps, plus the final one
+    assert all(s["prompt"] == "a photo of <s0><s1>" for s in samples)
+    assert all(os.path.exists(p) for s in samples for p in s["images"])
+    assert "final-step-4-0.png" in open(res.artifacts["model_card"]).read()
