@@ -126,3 +126,11 @@ def test_final_samples_use_the_learnt_tokens(dataset, tmp_path, tiny_sdxl):
     assert all(s["prompt"] == "a photo of <s0><s1>" for s in samples)
     assert all(os.path.exists(p) for s in samples for p in s["images"])
     assert "final-step-4-0.png" in open(res.artifacts["model_card"]).read()
+
+
+@pytest.mark.parametrize("extra", [{"gradient_checkpointing": True}, {"mixed_precision": "bf16"}])
+def test_memory_options_train_finite(dataset, tmp_path, tiny_sdxl, extra):
+    res = train(cfg(dataset, str(tmp_path / "r"), train_text_encoder_ti=True, **extra))
+    assert res.step == 4 and res.final_loss == res.final_loss
+    sd = load_file(res.artifacts["diffusers"])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())  # fp32 LoRA under bf16
