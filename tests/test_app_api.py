@@ -78,6 +78,10 @@ def test_full_flow_upload_caption_train_stop_resume_generate(app_server, images,
     assert 8 <= stopped_at < 40
     runs_dir = os.path.join(app_server.root, "sessions", c.session_hash, "runs", "api-run")
     assert os.path.isdir(os.path.join(runs_dir, "checkpoints"))
+    from trainer.events import read_events
+
+    started = [e for e in read_events(os.path.join(runs_dir, "events.jsonl")) if e["type"] == "started"][0]
+    assert any(n.startswith("auto-fit: Fits") for n in started["notes"]), started["notes"]  # the app's preflight
 
     out = c.predict(api_name="/resume_training")
     assert "Resuming" in out[0], out[0]

@@ -58,8 +58,13 @@ def from_ui(name: str, value):
     return value
 
 
+# What the app sets on top of every preset: the preflight measures a few steps first and fits the run to the
+# GPU's memory (gradient checkpointing, smaller batch with accumulation, ...), then says what it chose.
+APP_DEFAULTS = {"auto_fit": True}
+
+
 def preset_ui_values(concept: str) -> dict:
-    cfg = TrainConfig.from_dict(load_preset(concept))
+    cfg = TrainConfig.from_dict({**APP_DEFAULTS, **load_preset(concept)})
     return {n: to_ui(n, getattr(cfg, n)) for n in ADV_NAMES}
 
 
