@@ -23,6 +23,8 @@ IGNORED_FLAGS = {
     "validation_epochs": "use --validation_steps (samples are rendered every N steps)",
     "class_labels_conditioning": "not used by SD/SDXL UNets",
     "with_tracking": "use --report_to",
+    "dataloader_num_workers": "images are decoded once and their latents cached; no loader workers are used",
+    "prior_generation_precision": "class images are generated in the training precision (--mixed_precision)",
 }
 IGNORED_BOOL = {"enable_xformers_memory_efficient_attention", "set_grads_to_none"}
 # Flags that are spelled differently in the advanced script or in older versions.

@@ -104,7 +104,6 @@ class TrainConfig:
         True, "Cache prompt embeddings once no text parameter trains (after the pivot).", group="data")
     image_interpolation_mode: str = opt("lanczos", "Resize filter.",
                                         choices=["lanczos", "bicubic", "bilinear", "nearest"], group="data")
-    dataloader_num_workers: int = opt(0, "Data loader worker processes.", min=0, max=64, group="data")
 
     # --- prior preservation ------------------------------------------------------------------------------
     with_prior_preservation: bool = opt(False, "Add the prior-preservation loss on class images.", group="prior")
@@ -113,8 +112,6 @@ class TrainConfig:
     num_class_images: int = opt(100, "Minimum number of class images.", min=1, max=100000, group="prior")
     prior_loss_weight: float = opt(1.0, "Weight of the prior loss.", min=0.0, max=100.0, group="prior")
     sample_batch_size: int = opt(4, "Batch size when generating class images.", min=1, max=64, group="prior")
-    prior_generation_precision: Optional[str] = opt(None, "Precision for class-image generation.",
-                                                    choices=[None, "no", "fp32", "fp16", "bf16"], group="prior")
 
     # --- pivotal tuning / text ---------------------------------------------------------------------------
     train_text_encoder_ti: bool = opt(False, "Pivotal tuning: learn new token embeddings for the trigger.",
