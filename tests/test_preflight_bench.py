@@ -240,3 +240,24 @@ def test_auto_fit_runs_preflight_then_trains_with_its_plan(tmp_path, tiny_sdxl):
     assert any(e.type == "status" and e.phase == "preflight" for e in seen)
     started = [e for e in read_events(str(tmp_path / "run" / "events.jsonl")) if e["type"] == "started"][0]
     assert any(n.startswith("auto-fit: Fits") for n in started["notes"])
+
+
+def test_stop_during_the_preflight_trains_nothing(tmp_path, tiny_sdxl):
+    import threading
+
+    from tests.conftest import write_dataset
+    from trainer import TrainConfig, train
+
+    data = str(tmp_path / "data")
+    write_dataset(data)
+    stop = threading.Event()
+
+    def on_event(ev):
+        if ev.type == "status" and ev.phase == "preflight":
+            stop.set()
+
+    cfg = TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=data,
+                                   output_dir=str(tmp_path / "run"), max_train_steps=50, auto_fit=True)
+    res = train(cfg, on_event=on_event, stop=stop)
+    assert res.stopped and res.step == 0
+    assert not os.path.exists(tmp_path / "run" / "pytorch_lora_weights.safetensors")

@@ -659,7 +659,10 @@ def train(config: TrainConfig, on_event=None, stop: Optional[threading.Event] = 
     if config.auto_fit:
         from .preflight import preflight
 
-        plan = preflight(config, on_event=on_event)
+        plan = preflight(config, on_event=on_event, stop=stop)
+        if stop is not None and stop.is_set():  # stopped during the measurement: nothing was trained
+            return RunResult(run_dir=os.path.abspath(config.output_dir), step=0, total_steps=plan.total_steps,
+                             stopped=True)
         if not plan.fits:
             raise TrainingError("the run does not fit in memory", plan.message)
         config = plan.config.replace(auto_fit=False)

@@ -420,7 +420,7 @@ def next_fix(cfg: TrainConfig, *, cuda: bool, bnb: bool, min_resolution: int = 5
     return None
 
 
-def _real_measure(measure_steps: int, workdir: str, on_event) -> Callable[[TrainConfig], Measurement]:
+def _real_measure(measure_steps: int, workdir: str, on_event, stop=None) -> Callable[[TrainConfig], Measurement]:
     counter = [0]
 
     def run(cfg: TrainConfig) -> Measurement:
@@ -428,7 +428,7 @@ def _real_measure(measure_steps: int, workdir: str, on_event) -> Callable[[Train
         out = os.path.join(workdir, f"measure-{counter[0]}")
         mcfg = measurement_config(cfg, measure_steps, out)
         try:
-            return measure_run(mcfg, warmup=1)
+            return measure_run(mcfg, warmup=1, stop=stop)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -444,7 +444,7 @@ def _describe(cfg: TrainConfig) -> dict:
 
 def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[int] = None, on_event=None, *,
               measure: Optional[MeasureFn] = None, min_resolution: int = 512,
-              total_steps: Optional[int] = None) -> FitPlan:
+              total_steps: Optional[int] = None, stop: Optional[threading.Event] = None) -> FitPlan:
     """Measures ``cfg`` for ``measure_steps`` steps (through ``train()``), adjusts it until the predicted peak
     memory fits ``budget_bytes`` (default: 92 % of free CUDA memory / available RAM) and predicts the run.
 
@@ -464,7 +464,7 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
     bnb = _bnb_ok()
     budget = int(budget_bytes) if budget_bytes is not None else available_memory()
     workdir = tempfile.mkdtemp(prefix="preflight-")
-    real = _real_measure(measure_steps, workdir, on_event) if measure is None else None
+    real = _real_measure(measure_steps, workdir, on_event, stop) if measure is None else None
 
     def run(c: TrainConfig) -> Measurement:
         if real is not None:
@@ -485,7 +485,7 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
             attempts.append({**_describe(current), "peak_bytes": m.peak_bytes, "s_per_it": m.s_per_it,
                              "oom": m.oom, "change": changes[-1] if changes else None})
             fits = m.peak_bytes is not None and m.peak_bytes <= budget
-            if fits:
+            if fits or (stop is not None and stop.is_set()):
                 break
             fix = next_fix(current, cuda=cuda, bnb=bnb, min_resolution=min_resolution, notes=notes)
             if fix is None:
