@@ -128,6 +128,13 @@ def test_exports_load_in_diffusers_from_a_nested_output_dir(dataset, tmp_path, t
     assert any(k.startswith("lora_unet_") for k in kohya)
     alphas = [v.item() for k, v in kohya.items() if k.endswith(".alpha")]
     assert alphas and all(a == 8 for a in alphas)  # the real alpha, not the rank
+    from safetensors import safe_open
+
+    with safe_open(str(out / "my-lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+    assert meta["ss_base_model_version"].startswith("sdxl") and meta["ss_max_train_steps"] == "15"
+    assert meta["modelspec.trigger_phrase"] == "<s0><s1>" and "a photo of TOK" in meta["ss_tag_frequency"]
     emb = load_file(res.artifacts["embeddings"])
     assert os.path.dirname(res.artifacts["embeddings"]) == str(out)
     pipe.load_textual_inversion(emb["clip_l"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder,
