@@ -23,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
 
 from .images import ImageProblem, load_image
+from .ingest import ProblemText
 
 __all__ = ["Problem", "check_dataset", "summarize", "has_errors", "dhash", "count_caption_tokens"]
 
@@ -39,18 +40,13 @@ _NEAR_DUP_MAX_COLOR_DIFF = 24.0  # mean abs difference (0..255) of 8x8 RGB thumb
 
 
 @dataclass
-class Problem:
+class Problem(ProblemText):
     file: str  # "" for dataset-level problems
     code: str
     severity: str  # "error" | "warning"
     message: str
     fix: str
 
-    def __str__(self) -> str:
-        return f"{self.message} Fix: {self.fix}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,7 +220,7 @@ def check_dataset(
         problems.append(Problem(
             "", "too_few_images", ERROR,
             f"The dataset has {n_good} usable image{'s' if n_good != 1 else ''}; at least {min_images} are needed.",
-            f"Add more images (10-30 varied images work well) or fix the errors above.",
+            "Add more images (10-30 varied images work well) or fix the errors above.",
         ))
     return problems
 

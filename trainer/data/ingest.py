@@ -52,18 +52,22 @@ _CHUNK = 1024 * 1024
 _JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 
 
-@dataclass
-class IngestProblem:
-    file: str  # the name the user knows (zip entry name, relative path, "metadata.jsonl line 3")
-    code: str
-    message: str
-    fix: str
+class ProblemText:
+    """What every problem dataclass shows the user: the message, then the fix; and its dict form."""
 
     def __str__(self) -> str:
         return f"{self.message} Fix: {self.fix}"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class IngestProblem(ProblemText):
+    file: str  # the name the user knows (zip entry name, relative path, "metadata.jsonl line 3")
+    code: str
+    message: str
+    fix: str
 
 
 @dataclass
