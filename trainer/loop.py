@@ -111,6 +111,7 @@ class Trainer:
         self.latent_cache: dict[tuple, tuple] = {}   # (image, flip, bucket) -> latent + micro-conditioning
         self.text_cache: dict[str, tuple] = {}       # caption -> (prompt embeds, pooled), once text is frozen
         self.text_offloaded = False
+        self.text_trainable = True  # until setup/restore/the pivot freezes text (once) via _freeze_text
 
     # ------------------------------------------------------------------------------------------------------
     def status(self, phase: str, message: str, current: int = 0, total: int = 0) -> None:
@@ -253,7 +254,8 @@ class Trainer:
         self.unet_forward = torch.compile(comps.unet) if cfg.compile_unet else comps.unet
 
         # ---- batches ----------------------------------------------------------------------------------
-        buckets = make_buckets(resolution, bucket_step_for(resolution, cfg.bucket_step)) if cfg.aspect_buckets else [(resolution, resolution)]
+        buckets = (make_buckets(resolution, bucket_step_for(resolution, cfg.bucket_step)) if cfg.aspect_buckets
+                   else [(resolution, resolution)])
         item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
         self.items, self.item_buckets, self.class_items = items, item_buckets, class_items
         global_batch = cfg.train_batch_size * self.world
@@ -283,9 +285,8 @@ class Trainer:
             else:
                 notes.append("no checkpoint to resume from: starting at step 0")
         self.step = start
-        self.text_trainable = self._text_should_train(start)
-        if not self.text_trainable:
-            self._freeze_text()
+        if self.text_trainable and not self._text_should_train(start):
+            self._freeze_text()  # nothing textual trains, or a resume past the pivot already froze it
 
         # ---- caches ------------------------------------------------------------------------------------
         if cfg.cache_latents:
@@ -352,8 +353,8 @@ class Trainer:
         if self.pivotal:
             self.pivotal.load_state_dict(t["embeddings"], self.family.embedding_keys)
         step = int(data["state"]["step"])
-        if not self._text_should_train(step):
-            self._freeze_text()
+        if self.text_trainable and not self._text_should_train(step):
+            self._freeze_text()  # before loading the optimizer state, which was saved without the text group
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         self.noise_gen.set_state(data["rng"]["gen_noise"])
@@ -393,6 +394,12 @@ class Trainer:
         return prepare_image(item.load(), bucket, center_crop=self.cfg.center_crop, flip=flip, crop_rng=crop_rng,
                              interpolation=self.cfg.image_interpolation_mode)
 
+    def _encode_item(self, item: TrainItem, bucket, flip: bool, sample_seed: int) -> tuple:
+        """(latent, original_size, crop_top_left, target_size) of one image at one bucket and flip."""
+        prep = self._prepared(item, bucket, flip, sample_seed)
+        lat = self._encode_pixels(prep.pixels.unsqueeze(0))[0]
+        return lat, prep.original_size, prep.crop_top_left, prep.target_size
+
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.comps.vae
@@ -414,9 +421,7 @@ class Trainer:
                 item = self.class_items[-1 - i]
                 buckets = sorted(set(self.item_buckets))  # a class image may join a batch of any bucket
             for b in buckets:
-                prep = self._prepared(item, b, flip, 0)
-                lat = self._encode_pixels(prep.pixels.unsqueeze(0))[0]
-                self.latent_cache[(i, flip, b)] = (lat, prep.original_size, prep.crop_top_left, prep.target_size)
+                self.latent_cache[(i, flip, b)] = self._encode_item(item, b, flip, 0)
             if n % 8 == 0 or n == len(todo) - 1:
                 self.status("cache_latents", f"encoding images {n + 1}/{len(todo)}", n + 1, len(todo))
 
@@ -424,9 +429,7 @@ class Trainer:
         key = (key_item, sample.flip, bucket)
         if key in self.latent_cache:
             return self.latent_cache[key]
-        prep = self._prepared(item, bucket, sample.flip, sample.seed)
-        lat = self._encode_pixels(prep.pixels.unsqueeze(0))[0]
-        return lat, prep.original_size, prep.crop_top_left, prep.target_size
+        return self._encode_item(item, bucket, sample.flip, sample.seed)
 
     def _caption_for(self, item: TrainItem, sample: Sample) -> str:
         cfg = self.cfg
