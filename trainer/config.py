@@ -221,15 +221,11 @@ class TrainConfig:
     @property
     def tokens_per_abstraction(self) -> dict[str, list[str]]:
         """``{"TOK": ["<s0>", "<s1>"], ...}``: the new tokens that replace each placeholder."""
-        out, i = {}, 0
-        for abst in self.abstractions:
-            out[abst] = [f"<s{i + k}>" for k in range(self.num_new_tokens_per_abstraction)]
-            i += self.num_new_tokens_per_abstraction
-        return out
+        return new_tokens(self.token_abstraction, self.num_new_tokens_per_abstraction)
 
     @property
     def abstractions(self) -> list[str]:
-        return [a.strip() for a in self.token_abstraction.split(",") if a.strip()]
+        return split_abstractions(self.token_abstraction)
 
     @property
     def run_name(self) -> str:
@@ -395,6 +391,21 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def split_abstractions(token_abstraction: str) -> list[str]:
+    """'TOK, STY' -> ['TOK', 'STY']."""
+    return [a.strip() for a in (token_abstraction or "").split(",") if a.strip()]
+
+
+def new_tokens(token_abstraction: str, per_abstraction: int) -> dict[str, list[str]]:
+    """The one numbering of learnt tokens, shared by training, export and generation:
+    'TOK, STY' with 2 each -> {'TOK': ['<s0>', '<s1>'], 'STY': ['<s2>', '<s3>']}."""
+    out, i = {}, 0
+    for abst in split_abstractions(token_abstraction):
+        out[abst] = [f"<s{i + k}>" for k in range(per_abstraction)]
+        i += per_abstraction
+    return out
+
+
 class FieldError(ValueError):
     def __init__(self, name: str, value: Any, message: str):
         self.name, self.value, self.message = name, value, message

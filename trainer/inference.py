@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .config import new_tokens, split_abstractions
+
 log = logging.getLogger(__name__)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -131,15 +133,11 @@ class GenerateRequest:
     num_images: int = 1
 
     def abstractions(self) -> list[str]:
-        return [a.strip() for a in (self.token_abstraction or "").split(",") if a.strip()]
+        return split_abstractions(self.token_abstraction)
 
     def tokens_per_abstraction(self) -> dict[str, list[str]]:
-        """Same numbering as ``TrainConfig.tokens_per_abstraction``: {"TOK": ["<s0>", "<s1>"], ...}."""
-        out, i, n = {}, 0, int(self.num_new_tokens_per_abstraction)
-        for abst in self.abstractions():
-            out[abst] = [f"<s{i + k}>" for k in range(n)]
-            i += n
-        return out
+        """The training numbering (``trainer.config.new_tokens``): {"TOK": ["<s0>", "<s1>"], ...}."""
+        return new_tokens(self.token_abstraction, int(self.num_new_tokens_per_abstraction))
 
 
 @dataclass
