@@ -186,6 +186,8 @@ def run_ours(args, model: str, data: str, caches: bool, label: str) -> dict:
     try:
         cfg = bench_config(args, model, data, out, caches)
         m = measure_run(cfg, warmup=args.warmup)
+    except Exception as exc:  # a bad setting or dataset: one error row + its message, like a failed reference
+        return {"run": label, "error": f"{type(exc).__name__}: {str(exc).strip()}"}
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if m.oom:
@@ -193,50 +195,105 @@ def run_ours(args, model: str, data: str, caches: bool, label: str) -> dict:
     sps = 1.0 / m.s_per_it
     return {"run": label, "steps_per_s": sps, "images_per_s": sps * cfg.train_batch_size * cfg.gradient_accumulation_steps,
             "s_per_it": m.s_per_it, "peak_bytes": m.process_peak_bytes, "peak_growth_bytes": m.peak_bytes,
+            "peak_to_last_step_bytes": m.peak_to_last_step_bytes,
             "measured_steps": max(0, m.steps - args.warmup), "wall_s": m.wall_s, "overhead_s": m.overhead_s,
             "text_s_per_it": m.text_s_per_it, "frozen_s_per_it": m.frozen_s_per_it}
 
 
 _LAUNCHER = r"""
-import atexit, runpy, sys
+import atexit, os, runpy, sys
 def _peak():
     try:
         import torch
         if torch.cuda.is_available():
             print("__BENCH_PEAK__ %d" % torch.cuda.max_memory_allocated(), file=sys.stderr, flush=True)
+        else:
+            import resource
+            print("__BENCH_PEAK__ %d" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+                  file=sys.stderr, flush=True)
     except Exception:
         pass
 atexit.register(_peak)
+def _steps_peak_hook():
+    # The peak up to the step counter's last update (before the script's final save and inference), printed
+    # once per progress bar when it reaches its total; host-side counters, no device sync.
+    import tqdm.std
+    update = tqdm.std.tqdm.update
+    def wrapped(self, n=1):
+        out = update(self, n)
+        if self.total and self.n >= self.total and not getattr(self, "_bench_done", False):
+            self._bench_done = True
+            import torch
+            if torch.cuda.is_available():
+                mem = torch.cuda.max_memory_allocated()
+            else:
+                import resource
+                mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            print("__BENCH_STEPS_PEAK__ %d %d" % (self.total, mem), file=sys.stderr, flush=True)
+        return out
+    tqdm.std.tqdm.update = wrapped
+_steps_peak_hook()
+standin = os.environ.get("LORA_STUDIO_TORCHVISION_STANDIN")
+if standin:
+    # Only the script's own `from torchvision import transforms` may see the stand-in: transformers finds
+    # packages with importlib.util.find_spec and would then import torchvision.io, .transforms.v2, ... which
+    # the stand-in does not have, so it is told first that torchvision is absent (as it is).
+    import transformers.utils as _tu
+    import transformers.utils.import_utils as _iu
+    for _m in (_tu, _iu):
+        for _n in ("is_torchvision_available", "is_torchvision_v2_available"):
+            if hasattr(_m, _n):
+                setattr(_m, _n, lambda *a, **k: False)
+    sys.path.insert(0, standin)
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
 """
+STANDIN = os.path.join(ROOT, "bench", "torchvision_standin")
 
 
-def reference_args(args, script: str, model: str, data: str, out: str) -> list[str]:
+def reference_env() -> tuple[dict, str | None]:
+    """Environment of the reference subprocess, and a note when torchvision had to be stood in for: the script
+    imports torchvision.transforms; where no torchvision imports (CPU machines whose torch has no matching
+    torchvision wheel), the launcher puts bench/torchvision_standin first on its sys.path. TQDM_MININTERVAL=0
+    makes its progress bar print every step, so each step is timestamped when it ends (not up to 0.1 s later)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0")
+    probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, env=env)
+    if probe.returncode == 0:
+        return env, None
+    env["LORA_STUDIO_TORCHVISION_STANDIN"] = STANDIN
+    return env, ("torchvision does not import here, so the reference ran with bench/torchvision_standin "
+                 "(its image transforms run once, before timing, since latents are cached)")
+
+
+def reference_args(args, script: str, model: str, data: str) -> list[str]:
+    """The reference's command line at the LoRA Ease configuration. Its --output_dir is relative (the run's cwd
+    is a temp folder): the script's final save writes f"{output_dir}/{output_dir}_emb.safetensors", which
+    fails after training with an absolute path."""
     a = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt", INSTANCE_PROMPT,
-         "--output_dir", out, "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+         "--output_dir", "ref-out", "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
          "--gradient_accumulation_steps", "1", "--max_train_steps", str(args.warmup + args.steps),
-         "--checkpointing_steps", str(10 ** 7), "--rank", str(args.rank), "--mixed_precision", "bf16",
+         "--checkpointing_steps", str(10 ** 7), "--rank", str(args.rank),
+         "--mixed_precision", "bf16" if _cuda() else "no",
          "--optimizer", "prodigy", "--learning_rate", "1.0", "--text_encoder_lr", "1.0", "--adam_beta2", "0.99",
          "--adam_weight_decay", "0.01", "--adam_weight_decay_text_encoder", "0.01", "--train_text_encoder_ti",
          "--train_text_encoder_ti_frac", "0.5", "--token_abstraction", "TOK", "--num_new_tokens_per_abstraction",
          "2", "--snr_gamma", "5.0", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--repeats", "1",
          "--seed", "0", "--cache_latents"]
-    if not args.no_gradient_checkpointing:
+    if _cuda() and not args.no_gradient_checkpointing:  # the same rule as bench_config for ours
         a.append("--gradient_checkpointing")
     return [sys.executable, "-c", _LAUNCHER, script] + a
 
 
-def run_reference(args, script: str, model: str, data: str, label: str = "reference") -> dict:
+def run_reference(args, script: str, model: str, data: str, env: dict, label: str = "reference") -> dict:
     """Runs the reference script in a subprocess; steps/s from its tqdm counter ``k/N [`` timestamped on
-    arrival (from the first update at or after the warm-up to the last), peak from max_memory_allocated."""
+    arrival (from the first update at or after the warm-up to the last), peak from max_memory_allocated (GPU)
+    or the subprocess's peak RSS (CPU)."""
     out = tempfile.mkdtemp(prefix="bench-ref-")
-    cmd = reference_args(args, script, model, data, out)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = reference_args(args, script, model, data)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=out)
     marks: list[tuple[float, int]] = []
-    peak = [None]
+    peak, steps_peak = [None], [None]
     tail: list[str] = []
     total = args.warmup + args.steps
 
@@ -262,6 +319,9 @@ def run_reference(args, script: str, model: str, data: str, label: str = "refere
                 pk = re.search(r"__BENCH_PEAK__ (\d+)", line)
                 if pk:
                     peak[0] = int(pk.group(1))
+                sp = re.search(r"__BENCH_STEPS_PEAK__ (\d+) (\d+)", line)
+                if sp and int(sp.group(1)) == total:
+                    steps_peak[0] = int(sp.group(2))
 
     threads = [threading.Thread(target=read, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
     for t in threads:
@@ -270,15 +330,20 @@ def run_reference(args, script: str, model: str, data: str, label: str = "refere
     for t in threads:
         t.join()
     shutil.rmtree(out, ignore_errors=True)
-    if rc != 0:
-        return {"run": label, "error": f"exit {rc}: " + " | ".join(l for l in tail[-5:] if l.strip())[:600]}
+    failure = f"exit {rc}: " + " | ".join(l for l in tail[-5:] if l.strip())[:600] if rc != 0 else None
+    finished = bool(marks) and marks[-1][1] == total
+    if failure and not finished:
+        return {"run": label, "error": failure}
     after = [(t, k) for t, k in marks if k >= args.warmup]
     if len(after) < 2 or after[-1][1] == after[0][1]:
         return {"run": label, "error": "could not read the step counter from the script's progress bar"}
     (t0, k0), (t1, k1) = after[0], after[-1]
     sps = (k1 - k0) / (t1 - t0)
-    return {"run": label, "steps_per_s": sps, "images_per_s": sps * args.batch, "s_per_it": 1 / sps,
-            "peak_bytes": peak[0], "measured_steps": k1 - k0}
+    res = {"run": label, "steps_per_s": sps, "images_per_s": sps * args.batch, "s_per_it": 1 / sps,
+           "peak_bytes": peak[0], "peak_to_last_step_bytes": steps_peak[0], "measured_steps": k1 - k0}
+    if failure:  # every step ran and was timed; the script failed afterwards (saving, its final inference)
+        res["after_training"] = f"the reference finished its {total} steps, then failed: {failure}"
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,7 +413,7 @@ def median_result(results: list[dict]) -> dict:
     if not ok:
         return results[-1]
     out = dict(ok[0])
-    for k in ("steps_per_s", "images_per_s", "s_per_it", "peak_bytes"):
+    for k in ("steps_per_s", "images_per_s", "s_per_it", "peak_bytes", "peak_to_last_step_bytes"):
         vals = [r[k] for r in ok if r.get(k) is not None]
         if vals:
             out[k] = statistics.median(vals)
@@ -374,7 +439,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl | tiny-sd | real-sdxl | real-sd15 | PATH")
     p.add_argument("--steps", type=int, default=30, help="measured optimizer steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps, not measured")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None,
+                   help="default: 2 (LoRA Ease) for real-sdxl / real-sd15, 1 for the tiny models (CI time)")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's (tiny 64, SDXL 1024)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--images", type=int, default=4, help="images in the generated dataset")
@@ -390,8 +456,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
+        p.error("--steps and --batch must be >= 1 and --warmup >= 0")
     if args.warmup < 1:
         print("note: --warmup 0 times the first step too (model warm-up included)", file=sys.stderr)
 
@@ -408,6 +474,7 @@ def main(argv=None) -> int:
     path = model_path(args.model)
     fam, default_res = family_info(path)
     args.resolution = args.resolution or default_res
+    args.batch = args.batch or (2 if args.model.startswith("real-") else 1)
     work = tempfile.mkdtemp(prefix="bench-data-")
     messages: list[str] = []
     try:
@@ -420,9 +487,7 @@ def main(argv=None) -> int:
             if os.path.isdir(script):
                 script = os.path.join(script, REFERENCE_SCRIPT)
             why = None
-            if not cuda:
-                why = "--compare-reference needs a CUDA GPU (the reference script trains in bf16 on CUDA); skipped"
-            elif not os.path.isfile(script):
+            if not os.path.isfile(script):
                 why = (f"--compare-reference: {script} not found; pass the root of a diffusers checkout "
                        f"(git clone https://github.com/huggingface/diffusers) or the script itself; skipped")
             elif fam != "sdxl":
@@ -433,16 +498,26 @@ def main(argv=None) -> int:
             else:
                 # Same data for both: images only, every caption = the instance prompt (the script reads no .txt).
                 plain = make_dataset(os.path.join(work, "plain"), args.images, args.resolution, captions=False)
+                env, note = reference_env()
+                if note:
+                    messages.append(note)
+                if not cuda:
+                    messages.append("on CPU both run in fp32 without gradient checkpointing; the 1.5x / 0.7x "
+                                    "targets are about the GPU run")
                 ours, ref = [], []
                 for r in range(args.rounds):
                     ours.append(run_ours(args, path, plain, True, "ours"))
-                    ref.append(run_reference(args, script, path, plain))
+                    ref.append(run_reference(args, script, path, plain, env))
+                messages += sorted({x["after_training"] for x in ref if "after_training" in x})
                 o, f = median_result(ours), median_result(ref)
                 runs += [o, f]
                 if "error" not in o and "error" not in f:
                     ratios["steps_per_s ours/reference"] = paired_ratio(ours, ref, "steps_per_s")
                     if o.get("peak_bytes") and f.get("peak_bytes"):
                         ratios["peak_memory ours/reference"] = paired_ratio(ours, ref, "peak_bytes")
+                    if o.get("peak_to_last_step_bytes") and f.get("peak_to_last_step_bytes"):
+                        ratios["peak_memory_to_last_step ours/reference"] = paired_ratio(
+                            ours, ref, "peak_to_last_step_bytes")
         elif args.compare_caches:
             on, off = [], []
             for r in range(args.rounds):
@@ -493,6 +568,10 @@ def main(argv=None) -> int:
         for r in runs:
             if "steps_per_s_all" in r:
                 print(f"  {r['run']}: steps/s per round " + ", ".join(f"{v:.3g}" for v in r["steps_per_s_all"]))
+    stepped = [r for r in runs if r.get("peak_to_last_step_bytes")]
+    if stepped:
+        print("peak memory up to the last training step (before the final save): "
+              + ", ".join(f"{r['run']} {fmt_mem(r['peak_to_last_step_bytes'], cuda)}" for r in stepped))
     if tti is not None:
         if "seconds" in tti:
             print(f"time to first image: {tti['seconds']:.2f} s ({tti['inference_steps']} inference steps, "
@@ -510,7 +589,7 @@ def main(argv=None) -> int:
                    "date": time.strftime("%Y-%m-%d")}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, default=str)
-    return 0
+    return 1 if any("error" in r for r in runs) else 0
 
 
 if __name__ == "__main__":

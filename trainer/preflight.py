@@ -54,6 +54,7 @@ class Measurement:
     overhead_s: float = 0.0            # wall time not spent in (post-warm-up-rate) steps: load, cache, export
     wall_s: float = 0.0
     process_peak_bytes: Optional[int] = None  # CUDA: max_memory_allocated; CPU: peak RSS of the process
+    peak_to_last_step_bytes: Optional[int] = None  # the same counter read at the last Step (before the export)
     total_steps: int = 0               # total steps of the measured run (from its Started event)
     device: str = "cpu"
     oom: bool = False
@@ -205,9 +206,14 @@ def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None) 
     from .loop import TrainingError, train
 
     events: list = []
+    last_step_peak: list = [None]
 
     def collect(ev):
         events.append(ev)
+        if getattr(ev, "type", None) == "step" and getattr(ev, "step", None) == getattr(ev, "total", None):
+            # host-side counters, no device sync
+            last_step_peak[0] = (torch.cuda.max_memory_allocated() if cuda else
+                                 (sampler.peak if sampler else _proc_status_kb("VmHWM")))
         if on_event is not None:
             on_event(ev)
 
@@ -247,6 +253,7 @@ def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None) 
     m = summarize_events(events, warmup=warmup)
     m.peak_bytes = None if oom else int(peak)
     m.process_peak_bytes = None if oom else int(process_peak)
+    m.peak_to_last_step_bytes = None if oom or last_step_peak[0] is None else int(last_step_peak[0])
     m.wall_s = wall
     m.overhead_s = max(0.0, wall - _steady_time(m))
     m.device = torch.cuda.get_device_name() if cuda else "cpu"
