@@ -208,11 +208,16 @@ def _peak():
         if torch.cuda.is_available():
             print("__BENCH_PEAK__ %d" % torch.cuda.max_memory_allocated(), file=sys.stderr, flush=True)
         else:
-            import resource
-            print("__BENCH_PEAK__ %d" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-                  file=sys.stderr, flush=True)
+            print("__BENCH_PEAK__ %d" % _vmhwm(), file=sys.stderr, flush=True)
     except Exception:
         pass
+def _vmhwm():
+    # this process's own peak RSS: getrusage's ru_maxrss would carry the parent's peak over fork + exec
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 atexit.register(_peak)
 def _steps_peak_hook():
     # The peak up to the step counter's last update (before the script's final save and inference), printed
@@ -227,8 +232,7 @@ def _steps_peak_hook():
             if torch.cuda.is_available():
                 mem = torch.cuda.max_memory_allocated()
             else:
-                import resource
-                mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                mem = _vmhwm()
             print("__BENCH_STEPS_PEAK__ %d %d" % (self.total, mem), file=sys.stderr, flush=True)
         return out
     tqdm.std.tqdm.update = wrapped

@@ -88,6 +88,11 @@ def test_reference_env_stands_in_only_where_torchvision_does_not_import():
 def test_step_rate_and_peak_are_read_from_the_reference_progress_bar(tmp_path):
     script = tmp_path / "fake_reference.py"
     script.write_text(FAKE_REFERENCE)
+    # This process's own peak RSS must not leak into the reference's (getrusage's ru_maxrss carries it over
+    # fork + exec): raise it well above what the stand-in script uses.
+    big = bytearray(1536 * 1024 ** 2)
+    for i in range(0, len(big), 4096):
+        big[i] = 1
     res = train_speed.run_reference(_args(), str(script), "model", str(tmp_path),
                                     _standin_env(FAKE_STEP_S="0.05", FAKE_AFTER_MB="256"))
     assert "error" not in res, res
@@ -99,6 +104,8 @@ def test_step_rate_and_peak_are_read_from_the_reference_progress_bar(tmp_path):
     assert res["peak_bytes"] > (64 + 256) * MiB  # the subprocess's peak RSS on CPU, the whole run
     # read when the counter hit 14/14: the buffer allocated after the training loop is not in it
     assert 64 * MiB < res["peak_to_last_step_bytes"] < res["peak_bytes"] - 200 * MiB
+    assert res["peak_bytes"] < 1536 * MiB, res  # the script's own peak, not this process's
+    del big
 
 
 def test_reference_failure_is_reported_with_its_last_lines(tmp_path):
