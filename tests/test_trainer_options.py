@@ -134,3 +134,48 @@ def test_memory_options_train_finite(dataset, tmp_path, tiny_sdxl, extra):
     assert res.step == 4 and res.final_loss == res.final_loss
     sd = load_file(res.artifacts["diffusers"])
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())  # fp32 LoRA under bf16
+
+
+def test_text_encoders_leave_the_device_after_the_pivot_and_are_not_called_again(dataset, tmp_path, tiny_sdxl,
+                                                                                 monkeypatch):
+    """The GPU-only path (every caption encoded once at the pivot, then the encoders move to the CPU) run on CPU:
+    after the pivot each encoder runs exactly once (one batch of all captions), and the LoRA and embeddings
+    match a run that encodes lazily."""
+
+    def run(offload: bool, out: str):
+        if offload:
+            monkeypatch.setattr(Trainer, "OFFLOAD_TEXT_ENCODERS_FROM", ("cuda", "cpu"))
+        else:
+            monkeypatch.setattr(Trainer, "OFFLOAD_TEXT_ENCODERS_FROM", ("cuda",))
+        step = [0]
+        events = []
+
+        def on_event(ev):
+            events.append(ev)
+            if getattr(ev, "type", "") == "step":
+                step[0] = ev.step
+
+        t = Trainer(cfg(dataset, out, train_text_encoder_ti=True, train_text_encoder_ti_frac=0.5,
+                        max_train_steps=6, cache_text_embeddings=True), on_event=on_event)
+        t.open()
+        t.setup()
+        calls = {0: [], 1: []}
+        for i, te in enumerate(t.comps.text_encoders):
+            te.register_forward_hook(lambda *a, i=i: calls[i].append(step[0]))
+        res = t._loop(t.step, t.total)
+        return t, res, calls, events
+
+    t_off, res_off, calls_off, ev_off = run(True, str(tmp_path / "offload"))
+    assert t_off.text_offloaded and t_off.pivot_step == 3
+    assert [c for c in calls_off[0] if c >= 3] == [3] and [c for c in calls_off[1] if c >= 3] == [3]
+    assert any(getattr(e, "phase", "") == "cache_text" and "moved off" in e.message for e in ev_off)
+    assert all(p.device.type == "cpu" for te in t_off.comps.text_encoders for p in te.parameters())
+
+    t_lazy, res_lazy, calls_lazy, _ = run(False, str(tmp_path / "lazy"))
+    assert not t_lazy.text_offloaded
+    assert len([c for c in calls_lazy[0] if c >= 3]) >= 2  # the check above can tell the two paths apart
+    for key in ("diffusers", "embeddings"):
+        a, b = load_file(res_off.artifacts[key]), load_file(res_lazy.artifacts[key])
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -100,6 +100,11 @@ def compute_total_steps(cfg: TrainConfig, num_items: int, batches_per_epoch: int
 class Trainer:
     """One training run. Holds the state the loop shares; ``run()`` does the work."""
 
+    # Devices whose memory is worth freeing by moving the text encoders to the CPU after the pivot. On a CPU
+    # the move is a no-op; tests add "cpu" to run the same path (pre-encode every caption, never call the
+    # encoders again) without a GPU.
+    OFFLOAD_TEXT_ENCODERS_FROM = ("cuda",)
+
     def __init__(self, cfg: TrainConfig, on_event=None, stop: Optional[threading.Event] = None, fault_hook=None,
                  notes: Optional[list[str]] = None):
         self.cfg = cfg.validate()
@@ -330,7 +335,8 @@ class Trainer:
         """After the pivot on a GPU: encode every caption once, then move the text encoders to the CPU."""
         device = self.accelerator.device
         captions = self._fixed_captions()
-        if device.type != "cuda" or not self.cfg.cache_text_embeddings or captions is None:
+        if (device.type not in self.OFFLOAD_TEXT_ENCODERS_FROM or not self.cfg.cache_text_embeddings
+                or captions is None):
             return
         for start in range(0, len(captions), 16):
             self._encode_text(captions[start:start + 16])
