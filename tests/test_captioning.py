@@ -307,6 +307,19 @@ def test_dtype_choice():
         resolve_dtype("int3", torch.device("cpu"))
 
 
+def test_caption_in_half_precision_as_on_a_gpu(tiny_path, tmp_path):
+    """CUDA captions in bf16 (or fp16): the same half-precision path, run on CPU in bf16."""
+    cap = captioning.get_captioner(TINY_BLIP_ID, device="cpu", dtype="bf16")
+    try:
+        assert cap.dtype == torch.bfloat16 and next(cap.model.parameters()).dtype == torch.bfloat16
+        out = caption(_images(tmp_path), model=TINY_BLIP_ID, device="cpu", dtype="bf16", batch_size=2,
+                      max_new_tokens=MAX_TOKENS)
+        assert len(out) == 5 and all(t.startswith("a photo of TOK, ") and len(t) > len("a photo of TOK, ")
+                                     for t in out)
+    finally:
+        release_all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_caption_on_cuda_uses_half_precision(tiny_path, tmp_path):
     cap = captioning.get_captioner(TINY_BLIP_ID, device="cuda")
