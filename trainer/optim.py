@@ -23,10 +23,10 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if kind == Optimizer.prodigy:
         try:
-            from prodigyopt import Prodigy
+            from .prodigy import SyncFreeProdigy
         except ImportError:
             raise OptimizerUnavailable("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return Prodigy(groups, lr=cfg.learning_rate, betas=betas, beta3=cfg.prodigy_beta3,
+        return SyncFreeProdigy(groups, lr=cfg.learning_rate, betas=betas, beta3=cfg.prodigy_beta3,
                        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, decouple=cfg.prodigy_decouple,
                        use_bias_correction=cfg.prodigy_use_bias_correction,
                        safeguard_warmup=cfg.prodigy_safeguard_warmup, d_coef=cfg.prodigy_d_coef)
