@@ -208,3 +208,32 @@ def test_captioner_and_engine_are_released_before_training_starts(tmp_path):
     for hook in hooks:
         hook()
     assert captioning.loaded_captioners() == []
+
+
+def test_saved_choices_survive_and_bad_ones_are_left_out(tmp_path):
+    import gradio as gr
+
+    from ui.choices import acceptable
+    from ui.sessions import Workspaces
+
+    ws = Workspaces(str(tmp_path / "root"))
+    assert ws.load_choices("abcd1234") == {}  # no such session
+    ws.session_dir("abcd1234")
+    assert ws.load_choices("abcd1234") == {}  # nothing saved yet
+    ws.save_choices("abcd1234", {"concept": "style", "max_train_steps": 40, "last_applied": {"rank": 16}})
+    assert ws.load_choices("abcd1234") == {"concept": "style", "max_train_steps": 40, "last_applied": {"rank": 16}}
+    ws.save_choices("abcd1234", {"bad": object()})  # not JSON: nothing written, the last good file stays
+    assert ws.load_choices("abcd1234")["concept"] == "style"
+    assert not [n for n in os.listdir(ws.session_dir("abcd1234")) if n.endswith(".tmp")]
+    with open(os.path.join(ws.session_dir("abcd1234"), "choices.json"), "w") as f:
+        f.write("{not json")
+    assert ws.load_choices("abcd1234") == {}
+
+    with gr.Blocks():
+        concept = gr.Dropdown(["face", "style"], value="face")
+        custom = gr.Dropdown(["a"], value="a", allow_custom_value=True)
+        steps, flag, text, state = gr.Number(1, precision=0), gr.Checkbox(False), gr.Textbox(""), gr.State({})
+    assert acceptable(concept, "style") and not acceptable(concept, "gone-preset")
+    assert acceptable(custom, "my/model") and acceptable(steps, 40) and not acceptable(steps, "40")
+    assert not acceptable(steps, True) and acceptable(flag, True) and not acceptable(flag, 1)
+    assert acceptable(text, "x") and not acceptable(text, 3) and acceptable(state, {}) and not acceptable(state, [])

@@ -103,6 +103,14 @@ def test_click_through_the_whole_flow(app_page, images):
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#ls-progress")).to_contain_text("step 40/40", timeout=30_000)
     expect(page.locator("#ls-samples img").first).to_be_visible()
+    # ... and the form shows what was chosen: the concept, and the hand edit on top of its preset
+    expect(page.locator("#ls-concept input").first).to_have_value("object", timeout=30_000)
+    page.get_by_text("Advanced: every setting").click()
+    page.get_by_text("Output, checkpoints, samples").click()
+    expect(page.locator("#adv-max_train_steps textarea, #adv-max_train_steps input").first).to_have_value("40")
+    expect(page.locator("#adv-validation_steps textarea, #adv-validation_steps input").first).to_have_value("20")
+    expect(page.locator("#ls-preset-msg")).to_contain_text("max_train_steps")  # listed as the user's own
+    page.get_by_text("Advanced: every setting").click()
 
     # --- Generate ---
     page.get_by_role("tab", name="Generate").click()

@@ -91,7 +91,7 @@ footer {display: none !important;}
 
 def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every_s: float = 600):
     """Returns ``(demo, launch_kwargs)``."""
-    from . import dataset_tab, generate_tab, publish_tab, train_tab
+    from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
     from .theme import make_theme
 
     workspaces = Workspaces(root, max_idle_s=max_idle_s)
@@ -140,6 +140,8 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         # Each tab refreshes itself from the workspace once the id is known (re-attaches a running training).
         for tab in (ds, tr, gen, pub):
             tab["on_load"](load_ev)
+        choices.wire(ctx, load_ev, {"concept": ctx.components["concept"], "trigger": ctx.components["trigger"],
+                                    "base_model": ctx.components["base_model"], **tr["choices"]})
 
     guard_root = workspaces.sessions_root
     from starlette.middleware import Middleware

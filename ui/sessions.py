@@ -5,7 +5,9 @@ reload finds the same folder) owns ``<root>/sessions/<id>/`` with:
 
 * ``uploads/``: the dataset being prepared (images + ``metadata.jsonl``); deleted by the cleaner when the
   session has been idle longer than ``max_idle_s``;
-* ``runs/<run-name>/``: training runs (kept by the cleaner).
+* ``runs/<run-name>/``: training runs (kept by the cleaner);
+* ``choices.json``: the form's last values (concept, trigger, base model, run name, every setting), so a
+  reload shows what the user had chosen.
 
 Files under ``<root>/sessions`` are never served by their own path: :class:`SessionFileGuard` refuses every
 ``/gradio_api/file=`` request into that folder, so a session only sees the copies Gradio puts in its cache for
@@ -13,6 +15,7 @@ the outputs handed to *that* session (their URLs carry a content hash that other
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -79,6 +82,32 @@ class Workspaces:
         return sorted(runs, key=lambda n: os.path.getmtime(os.path.join(d, n)), reverse=True)
 
     # ----- activity and cleaning --------------------------------------------------------------------------
+    # ----- the form's choices -----------------------------------------------------------------------------
+    def save_choices(self, sid: str, values: dict) -> None:
+        """Writes ``values`` (JSON-able) atomically; a failure (disk full...) is not the user's problem here."""
+        path = os.path.join(self.session_dir(sid), "choices.json")
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(values, f)
+            os.replace(tmp, path)
+        except (OSError, TypeError, ValueError):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+    def load_choices(self, sid: str) -> dict:
+        """The saved values, or {} when there are none or the file is unreadable."""
+        if not self.exists(sid):
+            return {}
+        try:
+            with open(os.path.join(self.sessions_root, sid, "choices.json"), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def touch(self, sid: str) -> None:
         marker = os.path.join(self.sessions_root, sid, ".last_seen")
         try:

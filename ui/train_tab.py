@@ -380,4 +380,6 @@ def build(ctx) -> dict:
     def on_load(load_ev):
         load_ev.then(poll, [ws], view_comps, api_visibility="private")
 
-    return {"on_load": on_load, "timer": timer}
+    # what a reload puts back (ui/choices.py): the run name, every setting and the preset they came from
+    choices = {"run_name": run_name, **{n: comps[n] for n in ADV_NAMES}, "last_applied": last_applied}
+    return {"on_load": on_load, "timer": timer, "choices": choices}
