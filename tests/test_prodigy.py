@@ -106,3 +106,19 @@ def test_trainer_uses_it_for_prodigy(tmp_path):
                                      output_dir=str(tmp_path / "o"), optimizer="prodigy", learning_rate=1.0))
     opt = build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(2))], "name": "unet"}])
     assert type(opt) is SyncFreeProdigy
+
+
+def test_optimizer_benchmark_counts_the_reads(tiny_sdxl):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "optimizer_step.py"), "--model", "tiny-sdxl",
+                           "--steps", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    n = int(lines[0].split(": ")[1].split(" LoRA tensors")[0])
+    assert f"prodigyopt.prodigy.Prodigy" in lines[1] and f"{2 * n} host reads/step" in lines[1]
+    assert "SyncFreeProdigy" in lines[2] and " 1 host reads/step" in lines[2]
