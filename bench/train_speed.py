@@ -140,7 +140,6 @@ def unet_train_flops(path: str, batch: int, resolution: int, rank: int,
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
 
     config = UNet2DConditionModel.load_config(path, subfolder="unet")
     with torch.device(device):
