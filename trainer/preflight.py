@@ -208,12 +208,16 @@ def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None) 
     events: list = []
     last_step_peak: list = [None]
 
+    def peak_now() -> Optional[int]:
+        """The run's peak so far: host-side counters, no device sync."""
+        if cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return sampler.peak if sampler else _proc_status_kb("VmHWM")
+
     def collect(ev):
         events.append(ev)
         if getattr(ev, "type", None) == "step" and getattr(ev, "step", None) == getattr(ev, "total", None):
-            # host-side counters, no device sync
-            last_step_peak[0] = (torch.cuda.max_memory_allocated() if cuda else
-                                 (sampler.peak if sampler else _proc_status_kb("VmHWM")))
+            last_step_peak[0] = peak_now()
         if on_event is not None:
             on_event(ev)
 
@@ -243,12 +247,12 @@ def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None) 
     wall = time.time() - t0
     if cuda:
         torch.cuda.synchronize()
-        process_peak = int(torch.cuda.max_memory_allocated())
+        process_peak = peak_now()
         peak = process_peak - before
         gc.collect()
         torch.cuda.empty_cache()
     else:
-        process_peak = (sampler.peak if sampler else _proc_status_kb("VmHWM")) or current_rss()
+        process_peak = peak_now() or current_rss()
         peak = max(0, process_peak - before)
     m = summarize_events(events, warmup=warmup)
     m.peak_bytes = None if oom else int(peak)
