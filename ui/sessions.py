@@ -81,7 +81,6 @@ class Workspaces:
         runs = [n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))]
         return sorted(runs, key=lambda n: os.path.getmtime(os.path.join(d, n)), reverse=True)
 
-    # ----- activity and cleaning --------------------------------------------------------------------------
     # ----- the form's choices -----------------------------------------------------------------------------
     def save_choices(self, sid: str, values: dict) -> None:
         """Writes ``values`` (JSON-able) atomically; a failure (disk full...) is not the user's problem here."""
@@ -108,6 +107,7 @@ class Workspaces:
             return {}
         return data if isinstance(data, dict) else {}
 
+    # ----- activity and cleaning --------------------------------------------------------------------------
     def touch(self, sid: str) -> None:
         marker = os.path.join(self.sessions_root, sid, ".last_seen")
         try:
