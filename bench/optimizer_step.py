@@ -3,8 +3,8 @@ count the values each reads back from the device per step (a sync each on a GPU)
 
     HF_HUB_OFFLINE=1 python bench/optimizer_step.py --model real-sdxl --rank 32 --steps 5 --rounds 2
 
-The shapes come from the model's UNet config with the trainer's LoRA targets, built on the meta device (no
-weights are loaded); the parameters and gradients are random, on CUDA when available.
+The shapes come from the model's UNet config with the benchmark's LoRA targets (``train_speed.lora_unet``, on
+the meta device: no weights are loaded); the parameters and gradients are random, on CUDA when available.
 """
 from __future__ import annotations
 
@@ -18,16 +18,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def lora_shapes(path: str, rank: int, targets=("to_k", "to_q", "to_v", "to_out.0")) -> list:
-    import torch
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
+def lora_shapes(path: str, rank: int) -> list:
+    from train_speed import lora_unet  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-    config = UNet2DConditionModel.load_config(path, subfolder="unet")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
-    return [tuple(p.shape) for n, p in unet.named_parameters() if "lora_" in n]
+    return [tuple(p.shape) for n, p in lora_unet(path, rank).named_parameters() if "lora_" in n]
 
 
 class HostReads:

@@ -132,11 +132,11 @@ def device_name() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-def unet_train_flops(path: str, batch: int, resolution: int, rank: int,
-                     targets: str = "to_k,to_q,to_v,to_out.0", device: str = "meta") -> int:
-    """FLOPs of one training forward + backward of the UNet with LoRA adapters (frozen base: backward computes
-    input gradients and the LoRA weight gradients) for ``batch`` images at ``resolution`` px; text encoders,
-    VAE and optimizer are not counted. Runs on the meta device (no memory, no compute)."""
+LORA_TARGETS = "to_k,to_q,to_v,to_out.0"
+
+
+def lora_unet(path: str, rank: int, targets: str = LORA_TARGETS, device: str = "meta"):
+    """The model's UNet (from its config, no weights) with frozen base and trainable LoRA adapters."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -150,7 +150,15 @@ def unet_train_flops(path: str, batch: int, resolution: int, rank: int,
     for n, p in unet.named_parameters():
         if "lora_" in n:
             p.requires_grad_(True)
-    return count_unet_step_flops(unet, batch, resolution, device)
+    return unet
+
+
+def unet_train_flops(path: str, batch: int, resolution: int, rank: int,
+                     targets: str = LORA_TARGETS, device: str = "meta") -> int:
+    """FLOPs of one training forward + backward of the UNet with LoRA adapters (frozen base: backward computes
+    input gradients and the LoRA weight gradients) for ``batch`` images at ``resolution`` px; text encoders,
+    VAE and optimizer are not counted. Runs on the meta device (no memory, no compute)."""
+    return count_unet_step_flops(lora_unet(path, rank, targets, device), batch, resolution, device)
 
 
 def count_unet_step_flops(unet, batch: int, resolution: int, device: str = "meta") -> int:
