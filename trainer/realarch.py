@@ -211,13 +211,14 @@ def _write_tokenizer(folder: str, tmp: str):
     return tok
 
 
-def _model_index(class_name: str, parts: dict[str, tuple[str, str]], **extra) -> dict[str, Any]:
+def _write_model_index(out: str, class_name: str, parts: dict[str, tuple[str, str]], **extra) -> None:
     import diffusers
 
     index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
     index.update(extra)
     index.update({k: list(v) for k, v in parts.items()})
-    return index
+    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
 
 
 def _save_component(kind: str, folder: str, dtype, seed: int) -> None:
@@ -246,7 +247,7 @@ def build_real_sdxl(out: str, dtype=None, tmp: str | None = None) -> str:
                            use_karras_sigmas=False, **{k: v for k, v in SCHEDULER_COMMON.items()
                                                        if k not in ("clip_sample", "set_alpha_to_one")}
                            ).save_pretrained(os.path.join(out, "scheduler"))
-    index = _model_index("StableDiffusionXLPipeline", {
+    _write_model_index(out, "StableDiffusionXLPipeline", {
         "scheduler": ("diffusers", "EulerDiscreteScheduler"),
         "text_encoder": ("transformers", "CLIPTextModel"),
         "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
@@ -255,8 +256,6 @@ def build_real_sdxl(out: str, dtype=None, tmp: str | None = None) -> str:
         "unet": ("diffusers", "UNet2DConditionModel"),
         "vae": ("diffusers", "AutoencoderKL"),
     }, force_zeros_for_empty_prompt=True, feature_extractor=[None, None], image_encoder=[None, None])
-    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
     return out
 
 
@@ -274,15 +273,13 @@ def build_real_sd15(out: str, dtype=None, tmp: str | None = None) -> str:
     PNDMScheduler(skip_prk_steps=True, prediction_type="epsilon",
                   **{k: v for k, v in SCHEDULER_COMMON.items() if k != "clip_sample"}
                   ).save_pretrained(os.path.join(out, "scheduler"))
-    index = _model_index("StableDiffusionPipeline", {
+    _write_model_index(out, "StableDiffusionPipeline", {
         "scheduler": ("diffusers", "PNDMScheduler"),
         "text_encoder": ("transformers", "CLIPTextModel"),
         "tokenizer": ("transformers", "CLIPTokenizer"),
         "unet": ("diffusers", "UNet2DConditionModel"),
         "vae": ("diffusers", "AutoencoderKL"),
     }, safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
     return out
 
 
