@@ -53,3 +53,23 @@ def dataset(tmp_path) -> str:
     folder = str(tmp_path / "data")
     write_dataset(folder)
     return folder
+
+
+def render(pipe, prompt: str, seed: int = 0) -> np.ndarray:
+    """One 64 px image in 3 steps from a fixed seed, as floats in [0, 1]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return np.asarray(pipe(prompt, num_inference_steps=3, height=64, width=64, generator=g,
+                           output_type="np").images[0])
+
+
+def base_diffusers_kohya_images(pipe, run_dir, kohya_name: str, prompt: str = "a photo of a dog"):
+    """(without LoRA, with the run's diffusers file, with its kohya file ``kohya_name``), same prompt and seed;
+    the kohya LoRA stays loaded."""
+    base = render(pipe, prompt)
+    pipe.load_lora_weights(str(run_dir))
+    with_diffusers = render(pipe, prompt)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(run_dir), weight_name=kohya_name)
+    return base, with_diffusers, render(pipe, prompt)

@@ -9,19 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from trainer import TrainConfig, train
-from tests.conftest import write_dataset
+from tests.conftest import base_diffusers_kohya_images, render, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _img(pipe, prompt):
-    g = torch.Generator().manual_seed(0)
-    return np.asarray(pipe(prompt, num_inference_steps=3, height=64, width=64, generator=g,
-                           output_type="np").images[0])
 
 
 def test_sd_pivotal_run_exports_and_reloads(tmp_path, tiny_sd):
@@ -37,16 +30,11 @@ def test_sd_pivotal_run_exports_and_reloads(tmp_path, tiny_sd):
     assert set(emb) == {"clip_l"} and emb["clip_l"].shape == (2, 32)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    base = _img(pipe, "a photo of a dog")
-    pipe.load_lora_weights(str(out))
-    a = _img(pipe, "a photo of a dog")
-    pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(out), weight_name="sd-run.safetensors")
-    b = _img(pipe, "a photo of a dog")
+    base, a, b = base_diffusers_kohya_images(pipe, out, "sd-run.safetensors")
     assert np.abs(a - base).max() > 1e-3 and np.abs(a - b).max() < 1e-4
     pipe.load_textual_inversion(emb["clip_l"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
-    assert np.abs(_img(pipe, "a photo of <s0><s1>") - _img(pipe, "a photo of")).max() > 1e-4
+    assert np.abs(render(pipe, "a photo of <s0><s1>") - render(pipe, "a photo of")).max() > 1e-4
 
 
 def test_sd_text_encoder_lora_uses_lora_te_keys(tmp_path, tiny_sd):
@@ -65,10 +53,10 @@ def test_sd_text_encoder_lora_uses_lora_te_keys(tmp_path, tiny_sd):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(res.run_dir)
-    a = _img(pipe, "a photo of TOK")
+    a = render(pipe, "a photo of TOK")
     pipe.unload_lora_weights()
     pipe.load_lora_weights(res.run_dir, weight_name="te.safetensors")
-    b = _img(pipe, "a photo of TOK")
+    b = render(pipe, "a photo of TOK")
     assert np.abs(a - b).max() < 1e-4  # text-encoder LoRA included in both files
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import TrainConfig, read_events, train
+from tests.conftest import base_diffusers_kohya_images, render
 from trainer.loop import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,12 +104,6 @@ def test_one_epoch_run_still_trains_the_tokens(dataset, tmp_path, tiny_sdxl):
         assert not torch.allclose(start[key], final[key])
 
 
-def _image(pipe, prompt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return np.asarray(pipe(prompt, num_inference_steps=3, height=64, width=64, generator=g,
-                           output_type="np").images[0])
-
-
 def test_exports_load_in_diffusers_from_a_nested_output_dir(dataset, tmp_path, tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
@@ -116,12 +111,7 @@ def test_exports_load_in_diffusers_from_a_nested_output_dir(dataset, tmp_path, t
     res = train(cfg_for(dataset, str(out), max_train_steps=15, learning_rate=5e-2, rank=4, lora_alpha=8))
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.set_progress_bar_config(disable=True)
-    base = _image(pipe, "a photo of a dog")
-    pipe.load_lora_weights(str(out))
-    with_diffusers = _image(pipe, "a photo of a dog")
-    pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(out), weight_name="my-lora.safetensors")
-    with_kohya = _image(pipe, "a photo of a dog")
+    base, with_diffusers, with_kohya = base_diffusers_kohya_images(pipe, out, "my-lora.safetensors")
     assert np.abs(with_diffusers - base).max() > 1e-3
     assert np.abs(with_diffusers - with_kohya).max() < 1e-4
     kohya = load_file(str(out / "my-lora.safetensors"))
@@ -143,8 +133,8 @@ def test_exports_load_in_diffusers_from_a_nested_output_dir(dataset, tmp_path, t
                                 tokenizer=pipe.tokenizer_2)
     ids = pipe.tokenizer("a photo of <s0><s1>").input_ids
     assert pipe.tokenizer.convert_tokens_to_ids("<s0>") in ids
-    learnt = _image(pipe, "a photo of <s0><s1>")
-    plain = _image(pipe, "a photo of")
+    learnt = render(pipe, "a photo of <s0><s1>")
+    plain = render(pipe, "a photo of")
     assert np.abs(learnt - plain).max() > 1e-4
 
 
