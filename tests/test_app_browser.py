@@ -129,3 +129,31 @@ def test_click_through_the_whole_flow(app_page, images):
     expect(page.locator("#ls-push-result")).to_contain_text("failed", timeout=60_000)
     expect(page.locator("#ls-push-result")).not_to_contain_text("hf_not_a_real_token")
     shot(page, "4-publish")
+
+
+def test_upload_waits_for_the_workspace(page, app_server, images):
+    """Uploads open only once the page's workspace is loaded: the load lists the dataset folder, and an upload
+    made before that listing came back was wiped from the gallery by it (seen in CI)."""
+    held, release = [], []
+
+    def hold(route):  # every queued event of the page waits here until released
+        if release:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(lambda url: url.startswith(app_server.url) and "/queue/join" in url, hold)
+    page.set_default_timeout(30_000)
+    page.goto(app_server.url)
+    expect(page.locator("#ls-upload")).to_be_visible()
+    expect(page.locator("#ls-upload-msg")).to_contain_text("Loading your workspace")
+    page.wait_for_timeout(1000)  # the page had time to wire the upload box, were it open
+    assert held, "the page load queued no event"
+    expect(page.locator("#ls-upload input[type=file]")).to_have_count(0)
+    release.append(True)
+    for route in held:
+        route.continue_()
+    page.locator("#ls-upload input[type=file]").set_input_files(images)
+    expect(page.locator("#ls-upload-msg")).to_contain_text("Added 4 image", timeout=30_000)
+    page.wait_for_timeout(1500)  # nothing of the load may land after the upload and empty the gallery
+    expect(page.locator("#ls-gallery img")).to_have_count(4)

@@ -230,9 +230,11 @@ def build(ctx) -> dict:
                 "listed one by one; the good ones are kept.")
     with gr.Row():
         with gr.Column(scale=2):
+            # Locked until the page's workspace is loaded (on_load below): an upload made before that could
+            # be wiped from the gallery by the load's own, older, listing of the folder.
             upload = gr.File(label="Images or a .zip", file_count="multiple", type="filepath",
-                             elem_id="ls-upload", height=140)
-            upload_msg = gr.Markdown("", elem_id="ls-upload-msg")
+                             elem_id="ls-upload", height=140, interactive=False)
+            upload_msg = gr.Markdown("Loading your workspace…", elem_id="ls-upload-msg")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Your images", columns=6, height=260, object_fit="cover",
                                  elem_id="ls-gallery", allow_preview=True)
@@ -248,7 +250,7 @@ def build(ctx) -> dict:
     with gr.Row():
         save_btn = gr.Button("Save captions", size="sm")
         check_btn = gr.Button("Check dataset", variant="secondary", elem_id="ls-check")
-        clear_btn = gr.Button("Remove all images", size="sm", variant="stop")
+        clear_btn = gr.Button("Remove all images", size="sm", variant="stop", interactive=False)
     check_msg = gr.Markdown("", elem_id="ls-check-msg")
     with gr.Row():
         problems = gr.Dataframe(value=pd.DataFrame(columns=PROBLEM_HEADERS), headers=PROBLEM_HEADERS,
@@ -365,7 +367,11 @@ def build(ctx) -> dict:
     list_ev = gr.Button(visible=False)
     list_ev.click(refresh, [ws], [gallery, table], api_name="list_dataset")
 
+    def ready(ws_id, request: gr.Request):
+        shown, rows = refresh(ws_id, request)
+        return shown, rows, gr.update(interactive=True), gr.update(interactive=True), ""
+
     def on_load(load_ev):
-        load_ev.then(refresh, [ws], [gallery, table], api_visibility="private")
+        load_ev.then(ready, [ws], [gallery, table, upload, clear_btn, upload_msg], api_visibility="private")
 
     return {"on_load": on_load, "gallery": gallery, "table": table}
