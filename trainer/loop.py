@@ -34,6 +34,7 @@ from .loss import diffusion_loss, target_for
 from .optim import build_optimizer, build_scheduler, drop_group_params, effective_lr
 from .pivotal import PivotalTokens, replace_placeholders
 from .prior import generate_class_images
+from .transfer import to_device
 from .validation import render_samples
 
 
@@ -499,7 +500,7 @@ class Trainer:
         idx = list(range(self.rank * B, (self.rank + 1) * B))
         if self.class_items:
             idx += [gb + j for j in idx]
-        noise, timesteps = noise_all[idx].to(device), t_all[idx].to(device)
+        noise, timesteps = to_device(noise_all[idx], device), to_device(t_all[idx], device)
         return epoch, latents, noise, timesteps, captions, origs, crops, targets, n_inst
 
     def _forward_loss(self, position: int, device):

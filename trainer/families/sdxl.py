@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..transfer import to_device
 from .base import Components, ModelFamily
 
 
@@ -47,5 +48,5 @@ class SDXLFamily(ModelFamily):
     def added_conditioning(self, pooled, original_sizes, crops, target_sizes, device, dtype):
         # time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image
         rows = [list(o) + list(cr) + list(t) for o, cr, t in zip(original_sizes, crops, target_sizes)]
-        time_ids = torch.tensor(rows, device=device, dtype=dtype)
+        time_ids = to_device(torch.tensor(rows, dtype=dtype), device)
         return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}
