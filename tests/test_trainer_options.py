@@ -202,3 +202,57 @@ def test_compile_unet_really_compiles_and_trains_the_same(tmp_path, tiny_sdxl):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_log_every_reads_the_mean_loss_since_the_last_read(dataset, tmp_path, tiny_sdxl):
+    """--log_every N reads the device loss every N steps and logs the mean of the steps since the last read:
+    also after a resume (fewer steps since the read) and at the last step (the remainder)."""
+
+    def losses(log_every: int, out: str, start: int = 0) -> dict:
+        seen = {}
+
+        def on_event(ev):
+            if getattr(ev, "type", "") == "step":
+                seen[ev.step] = ev.loss
+
+        t = Trainer(cfg(dataset, out, max_train_steps=8, optimizer="adamw", learning_rate=1e-3,
+                        log_every=log_every), on_event=on_event).open()
+        t.setup()
+        res = t._loop(start, t.total)
+        return seen, res
+
+    for start in (0, 4):  # 4: as after resuming at step 4 (steps 5 and 6 before the first read at 6)
+        every, res1 = losses(1, str(tmp_path / f"one-{start}"), start)
+        sparse, res3 = losses(3, str(tmp_path / f"three-{start}"), start)
+        assert sorted(sparse) == list(range(start + 1, 9))
+        read = {s: v for s, v in sparse.items() if v is not None}
+        assert sorted(read) == sorted({s for s in sparse if s % 3 == 0} | {8})
+        last = start
+        for s in sorted(read):
+            window = [every[k] for k in range(last + 1, s + 1)]
+            assert read[s] == pytest.approx(sum(window) / len(window), rel=1e-5), (start, s)
+            last = s
+        assert res3.final_loss == pytest.approx(read[8]) and res1.final_loss == pytest.approx(every[8])
+
+
+def test_progress_views_keep_the_last_loss_read_between_reads():
+    """With --log_every N most step events carry no loss; the app and the CLI bar show the last one read."""
+    import io
+
+    from trainer.events import Started, Step
+    from trainer.progress import CliProgress
+    from ui.train_tab import summarize
+
+    evs = [{"type": "step", "step": s, "total": 20, "loss": (0.5 if s == 10 else None), "lr": 1e-3}
+           for s in range(1, 21)]
+    s = summarize({"state": "running", "run": "r", "events": evs, "position": 0})
+    assert s["loss"] == 0.5 and s["losses"] == [[10, 0.5]]
+    assert s["log"] == ["step 10/20 loss 0.5", "step 20/20 loss 0.5"]
+
+    bar = CliProgress(stream=io.StringIO())
+    bar(Started(run_dir="r", total_steps=20, start_step=0, num_images=4, notes=[]))
+    for e in evs[:12]:
+        bar(Step(step=e["step"], total=20, loss=e["loss"], lr=1e-3, d_lr=None, s_per_it=0.1, eta_s=1.0, epoch=0,
+                 text_trainable=False))
+    assert bar.bar.postfix and "loss=0.5000" in bar.bar.postfix
+    bar.close()

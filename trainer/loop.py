@@ -530,7 +530,8 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         comps = self.comps
         comps.unet.train()
-        loss_acc = torch.zeros((), device=device)
+        loss_acc = torch.zeros((), device=device)  # summed on the device; read every log_every steps
+        acc_steps = 0  # steps in loss_acc: fewer than log_every after a resume and at the last step
         last_loss = None
         t_start, steps_done = time.time(), 0
         step = start
@@ -545,6 +546,7 @@ class Trainer:
                 epoch, loss = self._forward_loss(position, device)
                 (loss / accum).backward()
                 loss_acc += loss.detach() / accum
+            acc_steps += 1
             if self.world > 1:
                 for p in params:
                     if p.grad is None:
@@ -561,11 +563,12 @@ class Trainer:
             self.step = step
             steps_done += 1
             value = None
-            if step % cfg.log_every == 0 or step == total:
-                value = float(loss_acc.item()) / (cfg.log_every if step % cfg.log_every == 0 else 1)
+            if step % cfg.log_every == 0 or step == total or self.stop.is_set():
+                value = float(loss_acc.item()) / acc_steps  # the mean over the steps since the last read
                 if self.world > 1:
                     value = float(acc.reduce(torch.tensor(value, device=device), reduction="mean").item())
                 loss_acc.zero_()
+                acc_steps = 0
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"the loss became {value} at step {step}; training stopped before saving a broken LoRA "

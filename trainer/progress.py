@@ -10,6 +10,7 @@ class CliProgress:
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.bar = None
+        self.loss = None  # the last loss read (every --log_every steps), shown until the next read
 
     def __call__(self, ev: Event) -> None:
         from tqdm import tqdm
@@ -24,7 +25,9 @@ class CliProgress:
             self.bar.update(ev.step - self.bar.n)
             post = {"lr": f"{ev.lr:.3g}"}
             if ev.loss is not None:
-                post["loss"] = f"{ev.loss:.4f}"
+                self.loss = ev.loss
+            if self.loss is not None:
+                post["loss"] = f"{self.loss:.4f}"
             if ev.d_lr is not None:
                 post["d*lr"] = f"{ev.d_lr:.3g}"
             self.bar.set_postfix(post, refresh=False)

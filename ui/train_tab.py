@@ -146,8 +146,11 @@ def summarize(view: dict) -> dict:
     steps = [e for e in view["events"] if e.get("type") == "step"]
     last = steps[-1] if steps else {}
     samples, log = [], []
+    loss = None  # the last loss read so far (the trainer reads it every --log_every steps)
     for e in view["events"]:
         t = e.get("type")
+        if t == "step" and e.get("loss") is not None:
+            loss = e["loss"]
         if t == "sample":
             samples += [(p, f"step {e.get('step')}") for p in e.get("images", []) if os.path.exists(p)]
         if t == "status":
@@ -166,10 +169,10 @@ def summarize(view: dict) -> dict:
         elif t == "failed":
             log.append(f"[failed] {e.get('error')}" + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
         elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
-            log.append(f"step {e.get('step')}/{e.get('total')} loss {e.get('loss') if e.get('loss') is None else round(e['loss'], 4)}")
+            log.append(f"step {e.get('step')}/{e.get('total')} loss {'-' if loss is None else round(loss, 4)}")
     return {
         "state": view["state"], "run": view["run"], "position": view["position"],
-        "step": last.get("step", 0), "total": last.get("total", 0), "loss": last.get("loss"),
+        "step": last.get("step", 0), "total": last.get("total", 0), "loss": loss,
         "lr": last.get("lr"), "d_lr": last.get("d_lr"), "s_per_it": last.get("s_per_it"), "eta_s": last.get("eta_s"),
         "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
         "samples": samples, "log": log[-200:],
