@@ -147,8 +147,12 @@ def test_upload_waits_for_the_workspace(page, app_server, images):
     page.goto(app_server.url)
     expect(page.locator("#ls-upload")).to_be_visible()
     expect(page.locator("#ls-upload-msg")).to_contain_text("Loading your workspace")
-    page.wait_for_timeout(1000)  # the page had time to wire the upload box, were it open
+    for _ in range(300):  # the page queues its load event once it is mounted (up to 30 s on a busy machine)
+        if held:
+            break
+        page.wait_for_timeout(100)
     assert held, "the page load queued no event"
+    page.wait_for_timeout(500)  # the page had time to wire the upload box, were it open
     expect(page.locator("#ls-upload input[type=file]")).to_have_count(0)
     release.append(True)
     for route in held:
