@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def to_device(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
-    """``t`` on ``device`` (and ``dtype``); from the host to a CUDA device without waiting for the copy."""
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; from the host to a CUDA device without waiting for the copy."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
-        if dtype is not None:
-            t = t.to(dtype)  # on the host, so the queued copy is the final tensor
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device=device, dtype=dtype)
+    return t.to(device)
