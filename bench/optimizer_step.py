@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     import torch
     from prodigyopt import Prodigy
 
-    from trainer.prodigy import SyncFreeProdigy
+    from trainer.training.prodigy import SyncFreeProdigy
     from train_speed import model_path  # noqa: E402  (bench/ is on sys.path when run as a script)
 
     path = model_path(args.model)

@@ -12,7 +12,7 @@ memory (CUDA ``max_memory_allocated`` or the process's peak RSS on CPU), FLOPs p
 backward with LoRA, counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device, so no memory or
 time is spent) and MFU against the GPU's dense bf16 peak.
 
-``real-sdxl`` / ``real-sd15`` are the real architectures with random weights (``trainer/realarch.py``), built once
+``real-sdxl`` / ``real-sd15`` are the real architectures with random weights (``bench/realarch.py``), built once
 into the cache. The reference script is never vendored: pass the root of a diffusers checkout (or the script).
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def model_path(name: str) -> str:
     from trainer.families.loading import resolve
 
     if name in ("real-sdxl", "real-sd15"):
-        from trainer.realarch import real_model_path
+        from bench.realarch import real_model_path
 
         print(f"building/using the random-weight {name} (first time: minutes, ~7 GB disk for SDXL)",
               file=sys.stderr)
@@ -260,20 +260,20 @@ script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
 """
-STANDIN = os.path.join(ROOT, "bench", "torchvision_standin")
+STANDIN = os.path.join(ROOT, "tests", "fixtures", "torchvision_standin")
 
 
 def reference_env() -> tuple[dict, str | None]:
     """Environment of the reference subprocess, and a note when torchvision had to be stood in for: the script
     imports torchvision.transforms; where no torchvision imports (CPU machines whose torch has no matching
-    torchvision wheel), the launcher puts bench/torchvision_standin first on its sys.path. TQDM_MININTERVAL=0
+    torchvision wheel), the launcher puts tests/fixtures/torchvision_standin first on its sys.path. TQDM_MININTERVAL=0
     makes its progress bar print every step, so each step is timestamped when it ends (not up to 0.1 s later)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0")
     probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, env=env)
     if probe.returncode == 0:
         return env, None
     env["LORA_STUDIO_TORCHVISION_STANDIN"] = STANDIN
-    return env, ("torchvision does not import here, so the reference ran with bench/torchvision_standin "
+    return env, ("torchvision does not import here, so the reference ran with tests/fixtures/torchvision_standin "
                  "(its image transforms run once, before timing, since latents are cached)")
 
 
@@ -360,12 +360,7 @@ def run_reference(args, script: str, model: str, data: str, env: dict, label: st
 # ----------------------------------------------------------------------------------------------------------
 def time_to_first_image(args, model: str, data: str) -> dict:
     """Trains a short run, then times Engine: picking the finished run -> first image."""
-    if not os.path.exists(os.path.join(ROOT, "trainer", "inference.py")):
-        return {"skipped": "trainer/inference.py does not exist"}
-    try:
-        from trainer.inference import Engine, request_from_run
-    except Exception as exc:
-        return {"skipped": f"trainer.inference has no usable Engine/request_from_run: {exc}"}
+    from generation import Engine, request_from_run
     from trainer import train
 
     out = tempfile.mkdtemp(prefix="bench-tti-")

@@ -1,13 +1,18 @@
-"""Shared pieces of the captioning package: errors, image loading, caption cleaning, device/dtype choice."""
+"""Shared pieces of the captioning package: errors, image loading, caption cleaning. Device/dtype choice,
+Hub errors and image conversion are the trainer's (one rule each), re-exported here."""
 from __future__ import annotations
 
 import os
 import re
-import socket
-from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Union
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from trainer.data.images import ImageProblem, to_rgb
+from trainer.data.images import load_image as safe_load_image
+from trainer.devices import resolve_device, resolve_dtype  # noqa: F401  (re-exported: the captioner's choice)
+from trainer.hub_errors import is_unreachable as is_hub_unreachable  # noqa: F401  (re-exported)
+from trainer.hub_errors import offline_requested
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 
@@ -26,42 +31,16 @@ class CaptionerLoadError(RuntimeError):
 # --------------------------------------------------------------------------------------------- images
 
 
-def _flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
-    rgba = img.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, background + (255,))
-    canvas.alpha_composite(rgba)
-    return canvas.convert("RGB")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB. Transparency is composited on white (not black), 16-bit/float is rescaled."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        return _flatten_alpha(img)
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if mode.startswith("I;16") else float(arr.max()) if arr.size else 1.0
-        if hi > 255.0:
-            arr = arr * (255.0 / hi)
-        arr = np.clip(arr, 0, 255).astype("uint8")
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    return img.convert("RGB")
-
-
 def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image or a file path -> RGB PIL image (EXIF orientation applied for files)."""
+    """A PIL image or a file path -> 8-bit RGB PIL image, by the trainer's rules (``trainer.data.images``: EXIF
+    orientation applied, transparency on white, 16-bit/float rescaled; files are decoded safely)."""
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(image, [])
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image).expanduser()
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return to_rgb(im).copy()
+        try:
+            return safe_load_image(os.path.expanduser(os.fspath(image))).image
+        except ImageProblem as exc:
+            raise ValueError(str(exc)) from None
     raise TypeError(f"expected a PIL image or a file path, got {type(image).__name__}")
 
 
@@ -86,105 +65,7 @@ def clean_caption(text: str) -> str:
     return text or before
 
 
-# ------------------------------------------------------------------------------------- device / dtype
-
-
-def resolve_device(device: Any = None):
-    import torch
-
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-_DTYPE_NAMES = {
-    "fp32": "float32", "float32": "float32", "float": "float32", "32": "float32",
-    "fp16": "float16", "float16": "float16", "half": "float16", "16": "float16",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-}
-
-
-def resolve_dtype(dtype: Any, device) -> "Any":
-    """None/"auto" -> bf16 on CUDA when supported, else fp16 on CUDA; fp32 on CPU and anything else."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or str(dtype).lower() == "auto":
-        if getattr(device, "type", str(device)) == "cuda":
-            try:
-                if torch.cuda.is_bf16_supported():
-                    return torch.bfloat16
-            except Exception:  # pragma: no cover - very old drivers
-                pass
-            return torch.float16
-        return torch.float32
-    name = _DTYPE_NAMES.get(str(dtype).lower().replace("torch.", ""))
-    if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16, bf16 or a torch.dtype")
-    return getattr(torch, name)
-
-
-# --------------------------------------------------------------------------------- load-error helpers
-
-_OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def offline_requested() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set *now* (huggingface_hub only reads them at import)."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in _OFFLINE_ENV)
-
-
-_UNREACHABLE_NAMES = {
-    "LocalEntryNotFoundError",
-    "OfflineModeIsEnabled",
-    "ConnectionError",
-    "ConnectError",
-    "ConnectTimeout",
-    "ConnectTimeoutError",
-    "NewConnectionError",
-    "NameResolutionError",
-    "MaxRetryError",
-    "ReadTimeout",
-    "ReadTimeoutError",
-    "Timeout",
-    "TimeoutException",
-    "ProxyError",
-    "NetworkError",
-}
-_UNREACHABLE_TEXT = (
-    "couldn't connect to",
-    "could not connect to",
-    "offline mode",
-    "outgoing traffic has been disabled",
-    "check your connection",
-    "name or service not known",
-    "temporary failure in name resolution",
-    "connection refused",
-)
-
-
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def is_hub_unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` (or anything it was raised from) means the Hub could not be reached / not cached offline."""
-    for e in _chain(exc):
-        if isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
-            return True
-        if any(t.__name__ in _UNREACHABLE_NAMES for t in type(e).__mro__):
-            return True
-        msg = str(e).lower()
-        if any(t in msg for t in _UNREACHABLE_TEXT):
-            return True
-    return False
+# ------------------------------------------------------------------------------------- load errors
 
 
 def hub_unreachable_message(model_id: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from trainer.training.placeholders import contains_placeholder
+
 SUBJECT_CONCEPTS = ("face", "object", "character")
 STYLE_CONCEPTS = ("style",)
 CONCEPTS = SUBJECT_CONCEPTS + STYLE_CONCEPTS
@@ -31,9 +33,7 @@ def normalize_concept(concept: str) -> str:
 
 def contains_trigger(caption: str, trigger: str) -> bool:
     """True when ``trigger`` appears in ``caption`` as a whole word (not inside a longer word)."""
-    if not trigger:
-        return False
-    return re.search(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)", caption) is not None
+    return contains_placeholder(caption, trigger)
 
 
 def _fill(template: str, caption: str, trigger: str) -> str:

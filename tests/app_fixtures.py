@@ -54,12 +54,12 @@ class AppServer:
 def start_app(tmp_root: str, step_delay: float = 0.15, timeout: float = 120) -> AppServer:
     port = free_port()
     env = dict(os.environ, **OFFLINE_ENV, LORA_STUDIO_CACHE=shared_cache_dir(),
-               LORA_STUDIO_STEP_DELAY=str(step_delay), PYTHONUNBUFFERED="1")
+               TEST_STEP_DELAY=str(step_delay), PYTHONUNBUFFERED="1")
     env.pop("GRADIO_SERVER_NAME", None)
     env.pop("GRADIO_SERVER_PORT", None)
     log_path = os.path.join(tmp_root, "app.log")
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "app.py"), "--port", str(port), "--root",
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", "app_with_step_delay.py"), "--port", str(port), "--root",
                              os.path.join(tmp_root, "outputs")], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -173,7 +173,7 @@ def test_job_queue_is_fifo_one_at_a_time_and_cleaner_keeps_runs(tmp_path):
 
     done: list = []
     released = []
-    jm = JobManager(train_fn=fake_train, before_train=[lambda: released.append(1)], step_delay_s=0)
+    jm = JobManager(train_fn=fake_train, before_train=[lambda: released.append(1)])
     jobs = [jm.submit(f"s{i}", SimpleNamespace(output_dir=str(tmp_path / f"r{i}"))) for i in range(3)]
     time.sleep(0.3)
     assert [jm.position(j) for j in jobs] == [0, 2, 3]

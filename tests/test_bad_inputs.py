@@ -35,7 +35,8 @@ from PIL import Image
 
 from app_fixtures import OFFLINE_ENV, REPO, start_app, stop_app
 from trainer.data.images import ImageProblem, load_image
-from trainer.data.ingest import collect_dataset, safe_extract_zip
+from trainer.data.folders import collect_dataset
+from uploads import safe_extract_zip
 
 # ----- builders ---------------------------------------------------------------------------------------------------
 

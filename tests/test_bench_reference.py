@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STANDIN = os.path.join(ROOT, "bench", "torchvision_standin")
+STANDIN = os.path.join(ROOT, "tests", "fixtures", "torchvision_standin")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import train_speed  # noqa: E402
 
@@ -175,7 +175,7 @@ def test_compare_reference_cli_prints_both_rows_and_the_ratios(tiny_sdxl, tmp_pa
         ours["peak_to_last_step_bytes"] / ref["peak_to_last_step_bytes"])
     assert 0 < ours["peak_to_last_step_bytes"] <= ours["peak_bytes"] + 2 ** 20  # VmHWM lags ~100 KiB
     assert "peak memory up to the last training step" in proc.stdout
-    assert 25 < ref["steps_per_s"] <= 51
+    assert 25 < ref["steps_per_s"] <= 55  # sleeps 0.02 s a step; tqdm's smoothed rate reads up to a few % high
 
 
 def test_a_run_that_cannot_train_is_an_error_row_with_its_reason(tiny_sdxl):

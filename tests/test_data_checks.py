@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from trainer.data.checks import Problem, check_dataset, count_caption_tokens, dhash, has_errors, summarize
-from trainer.data.ingest import Record, collect_folder
+from trainer.data.folders import collect_folder
+from trainer.data.problems import Record
 
 
 def noise(size=256, seed=0) -> Image.Image:

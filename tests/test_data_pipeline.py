@@ -15,7 +15,7 @@ from trainer.data.buckets import bucket_histogram, make_buckets, nearest_bucket
 from trainer.data.captions import shuffle_tags, training_caption
 from trainer.data.sampler import BucketBatchSampler
 from trainer.data.transforms import prepare_image
-from trainer.loop import Trainer
+from trainer.training.trainer import Trainer
 
 SIZES = [(192, 96), (96, 192), (128, 128), (160, 120), (120, 160), (200, 100)]
 
@@ -95,7 +95,7 @@ def test_every_sample_keeps_its_latent_caption_and_conditioning(tmp_path, tiny_s
     flips = set()
     for position in range(24):  # > 2 epochs of shuffled, repeated, flipped batches
         epoch, batch = t.sampler.batch_at(position)
-        (_, latents, _, _, caps, origs, crops, targets, _) = t._micro_batch(position, t.accelerator.device)
+        (_, latents, _, _, caps, origs, crops, targets, _) = t.batches.micro_batch(position, t.accelerator.device)
         assert len({tuple(tg) for tg in targets}) == 1  # single bucket
         for j, s in enumerate(batch):
             item = t.items[s.item]
@@ -106,12 +106,12 @@ def test_every_sample_keeps_its_latent_caption_and_conditioning(tmp_path, tiny_s
             assert tuple(origs[j]) == (item.size[1], item.size[0])  # SDXL original_size = (h, w) of this image
             # the latent is this image's, at this flip: re-encode from the file and compare
             prep = prepare_image(Image.open(item.path).convert("RGB"), t.item_buckets[s.item], flip=s.flip)
-            expected = t._encode_pixels(prep.pixels.unsqueeze(0))[0]
+            expected = t.latents.encode_pixels(prep.pixels.unsqueeze(0))[0]
             torch.testing.assert_close(latents[j].cpu(), expected.cpu(), rtol=1e-4, atol=1e-4)
             assert tuple(crops[j]) == prep.crop_top_left
     assert flips == {True, False}
     if cache:
-        assert len(t.latent_cache) == 2 * len(SIZES)  # once per image and flip variant, nothing per step
+        assert len(t.latents.entries) == 2 * len(SIZES)  # once per image and flip variant, nothing per step
 
 
 def test_text_embeddings_are_cached_only_once_text_is_frozen(tmp_path, tiny_sdxl):
@@ -123,13 +123,13 @@ def test_text_embeddings_are_cached_only_once_text_is_frozen(tmp_path, tiny_sdxl
                                    optimizer="adamw", learning_rate=1e-3, text_encoder_lr=1e-2)
     t = Trainer(cfg).open()
     t.setup()
-    t._forward_loss(0, t.accelerator.device)
-    assert t.text_trainable and t.text_cache == {}
-    t._freeze_text()
-    t._forward_loss(1, t.accelerator.device)
-    assert len(t.text_cache) >= 1
-    cached_caption = next(iter(t.text_cache))
-    emb, pooled = t.text_cache[cached_caption]
+    t.forward_loss(0, t.accelerator.device)
+    assert t.text_trainable and t.text.cache == {}
+    t.freeze_text()
+    t.forward_loss(1, t.accelerator.device)
+    assert len(t.text.cache) >= 1
+    cached_caption = next(iter(t.text.cache))
+    emb, pooled = t.text.cache[cached_caption]
     fresh, fresh_pooled = t.family.encode(t.comps, t.family.tokenize(t.comps, [cached_caption]))
     torch.testing.assert_close(emb, fresh[0].detach())
 

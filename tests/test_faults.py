@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from tests.conftest import write_dataset
 from trainer import TrainConfig, read_events, train
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.loop import Trainer, TrainingError
+from trainer.training.errors import TrainingError
+from trainer.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60

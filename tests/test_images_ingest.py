@@ -15,17 +15,9 @@ import pytest
 from PIL import Image
 
 from trainer.data.images import ImageProblem, LoadedImage, is_image_name, load_image
-from trainer.data.ingest import (
-    ExtractResult,
-    IngestProblem,
-    Record,
-    collect_dataset,
-    collect_folder,
-    read_metadata_jsonl,
-    safe_extract_zip,
-    safe_filename,
-    write_metadata_jsonl,
-)
+from trainer.data.folders import collect_dataset, collect_folder, read_metadata_jsonl, write_metadata_jsonl
+from trainer.data.problems import IngestProblem, Record
+from uploads import ExtractResult, safe_extract_zip, safe_filename
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -210,7 +202,7 @@ def test_pa_mode(tmp_path):
     p = tmp_path / "pa.webp"
     img.convert("RGBA").save(p, lossless=True)  # WebP cannot store PA; check the conversion path directly too
     assert load_image(p).image.getpixel((0, 0)) == (255, 255, 255)
-    from trainer.data.images import _to_rgb
+    from trainer.data.images import to_rgb as _to_rgb
     assert _to_rgb(img, []).getpixel((0, 0)) == (255, 255, 255)
 
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.conftest import write_dataset
-from trainer.inference import (SCHEDULERS, Engine, GenerateRequest, InferenceInputError, request_from_run,
+from generation import (SCHEDULERS, Engine, GenerateRequest, InferenceInputError, request_from_run,
                                validate_request)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

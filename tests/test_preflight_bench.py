@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from trainer import TrainConfig
-from trainer import preflight as pf
+from trainer.preflight import measure as pf_measure
+from trainer.preflight import plan as pf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024 ** 3
@@ -111,7 +112,7 @@ def test_summarize_events_skips_warmup_and_splits_phases():
     times = [105.0, 106.0, 107.0, 107.5, 108.0]  # first step 5 s (warm-up), text steps 1 s, frozen 0.5 s
     for i, t in enumerate(times):
         evs.append({"type": "step", "time": t, "step": i + 1, "s_per_it": 0.0, "text_trainable": i < 3})
-    m = pf.summarize_events(evs, warmup=1)
+    m = pf_measure.summarize_events(evs, warmup=1)
     assert m.step_durations == [5.0, 1.0, 1.0, 0.5, 0.5]
     assert m.s_per_it == pytest.approx(0.75)
     assert m.text_s_per_it == pytest.approx(1.0) and m.frozen_s_per_it == pytest.approx(0.5)
@@ -180,7 +181,7 @@ def test_flop_counter_tiny_unet(tiny_sdxl):
 
 # ---------------------------------------------------------------------------------------------------------
 def test_realarch_sdxl_configs_are_the_real_sizes():
-    from trainer import realarch
+    from bench import realarch
 
     unet = realarch.meta_model("sdxl_unet")
     assert realarch.count_params(unet) == realarch.KNOWN_PARAMS["sdxl_unet"] == 2_567_463_684
@@ -203,7 +204,7 @@ def test_realarch_sdxl_configs_are_the_real_sizes():
 
 
 def test_realarch_tokenizer_has_the_real_vocab_size(tmp_path):
-    from trainer import realarch
+    from bench import realarch
 
     tok = realarch._write_tokenizer(str(tmp_path / "tok"), str(tmp_path))
     assert len(tok) == 49408
@@ -216,7 +217,7 @@ def test_realarch_tokenizer_has_the_real_vocab_size(tmp_path):
 def test_realarch_materialize_small_component():
     import torch
 
-    from trainer import realarch
+    from bench import realarch
 
     te = realarch.materialize("clip_l", torch.bfloat16, seed=0)
     assert te.dtype == torch.bfloat16 and not any(p.is_meta for p in te.parameters())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from prodigyopt import Prodigy
 
-from trainer.prodigy import SyncFreeProdigy
+from trainer.training.prodigy import SyncFreeProdigy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -55,10 +55,10 @@ CASES = [
 @pytest.mark.parametrize("all_at_once", [False, True], ids=["per-tensor (CPU)", "multi-tensor (CUDA)"])
 @pytest.mark.parametrize("kw,text_lr", CASES)
 def test_same_parameters_and_d_as_prodigyopt(kw, text_lr, all_at_once, monkeypatch):
-    import trainer.prodigy
+    import trainer.training.prodigy
 
     if all_at_once:  # the grouping used for CUDA tensors, on CPU
-        monkeypatch.setattr(trainer.prodigy, "_chunks", lambda params: [params] if params else [])
+        monkeypatch.setattr(trainer.training.prodigy, "_chunks", lambda params: [params] if params else [])
     ref, ref_opt = _run(Prodigy, kw, text_lr=text_lr)
     ours, ours_opt = _run(SyncFreeProdigy, kw, text_lr=text_lr)
     for a, b in zip(ref, ours):
@@ -85,7 +85,7 @@ def test_one_host_read_per_step_instead_of_two_per_parameter():
 
 def test_trainer_uses_it_for_prodigy(tmp_path):
     from trainer import TrainConfig
-    from trainer.optim import build_optimizer
+    from trainer.training.optim import build_optimizer
 
     cfg = TrainConfig.from_dict(dict(pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=str(tmp_path),
                                      output_dir=str(tmp_path / "o"), optimizer="prodigy", learning_rate=1.0))

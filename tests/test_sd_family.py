@@ -65,12 +65,12 @@ def test_v_prediction_family_member_trains(tmp_path):
     write_dataset(data)
     cfg = TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sd2-v", instance_data_dir=data,
                                    output_dir=str(tmp_path / "v"), max_train_steps=4, snr_gamma=5.0)
-    from trainer.loop import Trainer
+    from trainer.training.trainer import Trainer
 
     t = Trainer(cfg).open()
     t.setup()
     assert t.family.name == "sd" and t.comps.prediction_type == "v_prediction"
-    res = t._loop(0, t.total)
+    res = t.train_steps(0, t.total)
     assert res.step == 4 and np.isfinite(res.final_loss)
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from trainer import TrainConfig, read_events, train
 from tests.conftest import base_diffusers_kohya_images, render
-from trainer.loop import Trainer
+from trainer.families.loading import load_parts
+from trainer.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +66,7 @@ def test_only_new_token_rows_train_and_freeze_at_the_pivot(dataset, tmp_path, ti
     t = Trainer(cfg)
     t.run()
     fam = detect_family(tiny_sdxl)
-    base = fam.load(tiny_sdxl)
+    base = load_parts(fam, tiny_sdxl)
     for te_base, te_trained in zip(base.text_encoders, t.comps.text_encoders):
         emb = te_trained.get_input_embeddings()
         assert torch.equal(emb.base.weight, te_base.get_input_embeddings().weight)  # bit-identical originals
@@ -88,14 +89,14 @@ def test_only_new_token_rows_train_and_freeze_at_the_pivot(dataset, tmp_path, ti
 
 def test_one_epoch_run_still_trains_the_tokens(dataset, tmp_path, tiny_sdxl):
     from trainer.families import detect_family
-    from trainer.pivotal import PivotalTokens
+    from trainer.training.pivotal import PivotalTokens
 
     cfg = cfg_for(dataset, str(tmp_path / "run"), max_train_steps=None, num_train_epochs=1,
                   train_text_encoder_ti_frac=0.5)
     res = train(cfg)
     assert res.total_steps == 4  # 4 images, batch 1, 1 epoch
     fam = detect_family(tiny_sdxl)
-    comps = fam.load(tiny_sdxl)
+    comps = load_parts(fam, tiny_sdxl)
     init = PivotalTokens(cfg.tokens_per_abstraction)
     init.install(comps.tokenizers, comps.text_encoders, generator=torch.Generator().manual_seed(cfg.seed))
     start = init.state_dict(fam.embedding_keys)
@@ -178,10 +179,10 @@ def test_prior_preservation_generates_class_images_and_uses_the_prior_loss(datas
     t.setup()
     assert len([f for f in os.listdir(class_dir) if f.endswith(".png")]) == 3
     assert any(e.phase == "class_images" and e.current == 3 and e.total == 3 for e in statuses)
-    _, loss = t._forward_loss(0, t.accelerator.device)
+    _, loss = t.forward_loss(0, t.accelerator.device)
     assert set(t.last_parts) == {"instance", "prior"}
     torch.testing.assert_close(loss.detach(), t.last_parts["instance"] + cfg.prior_loss_weight * t.last_parts["prior"])
     # the class half of the batch carries the class prompt
-    batch = t._micro_batch(0, t.accelerator.device)
+    batch = t.batches.micro_batch(0, t.accelerator.device)
     captions = batch[4]
     assert captions[-1] == "a photo of a person" and "<s0><s1>" in captions[0]

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import TrainConfig, read_events, train
-from trainer.loop import Trainer, TrainingError
+from trainer.training.errors import TrainingError
+from trainer.training.trainer import Trainer
 
 BASE = dict(pretrained_model_name_or_path="tiny-sdxl", max_train_steps=4, rank=4, seed=1)
 
@@ -23,7 +24,7 @@ def test_optimizers_train(dataset, tmp_path, tiny_sdxl, optimizer, lr):
     t = Trainer(cfg(dataset, str(tmp_path / "r"), optimizer=optimizer, learning_rate=lr)).open()
     t.setup()
     before = {n: p.detach().clone() for n, p in t.comps.unet.named_parameters() if p.requires_grad}
-    t._loop(0, t.total)
+    t.train_steps(0, t.total)
     after = dict(t.comps.unet.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
@@ -50,7 +51,7 @@ def test_pivotal_optimizer_state_is_new_tokens_times_hidden_sizes(dataset, tmp_p
     t = Trainer(cfg(dataset, str(tmp_path / "r"), train_text_encoder_ti=True, optimizer="adamw",
                     learning_rate=1e-3, max_train_steps=4)).open()
     t.setup()
-    t._loop(0, 1)  # one step, before the pivot
+    t.train_steps(0, 1)  # one step, before the pivot
     text = [g for g in t.optimizer.param_groups if g["name"] == "text"][0]
     trainable = sum(p.numel() for p in text["params"])
     assert trainable == 2 * (32 + 48)  # 2 new tokens x (CLIP-L width + CLIP-G width), not the vocabulary
@@ -162,17 +163,17 @@ def test_text_encoders_leave_the_device_after_the_pivot_and_are_not_called_again
         calls = {0: [], 1: []}
         for i, te in enumerate(t.comps.text_encoders):
             te.register_forward_hook(lambda *a, i=i: calls[i].append(step[0]))
-        res = t._loop(t.step, t.total)
+        res = t.train_steps(t.step, t.total)
         return t, res, calls, events
 
     t_off, res_off, calls_off, ev_off = run(True, str(tmp_path / "offload"))
-    assert t_off.text_offloaded and t_off.pivot_step == 3
+    assert t_off.text.offloaded and t_off.pivot_step == 3
     assert [c for c in calls_off[0] if c >= 3] == [3] and [c for c in calls_off[1] if c >= 3] == [3]
     assert any(getattr(e, "phase", "") == "cache_text" and "moved off" in e.message for e in ev_off)
     assert all(p.device.type == "cpu" for te in t_off.comps.text_encoders for p in te.parameters())
 
     t_lazy, res_lazy, calls_lazy, _ = run(False, str(tmp_path / "lazy"))
-    assert not t_lazy.text_offloaded
+    assert not t_lazy.text.offloaded
     assert len([c for c in calls_lazy[0] if c >= 3]) >= 2  # the check above can tell the two paths apart
     for key in ("diffusers", "embeddings"):
         a, b = load_file(res_off.artifacts[key]), load_file(res_lazy.artifacts[key])
@@ -218,7 +219,7 @@ def test_log_every_reads_the_mean_loss_since_the_last_read(dataset, tmp_path, ti
         t = Trainer(cfg(dataset, out, max_train_steps=8, optimizer="adamw", learning_rate=1e-3,
                         log_every=log_every), on_event=on_event).open()
         t.setup()
-        res = t._loop(start, t.total)
+        res = t.train_steps(start, t.total)
         return seen, res
 
     for start in (0, 4):  # 4: as after resuming at step 4 (steps 5 and 6 before the first read at 6)

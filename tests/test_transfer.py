@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 import trainer.families.sdxl as sdxl_family
-import trainer.loop as loop
+import trainer.training.batches as loop
+from trainer.training.trainer import Trainer
 from trainer import TrainConfig
-from trainer.transfer import to_device
+from trainer.devices import to_device
 
 
 class HostTensor:
@@ -50,7 +51,7 @@ def test_every_host_tensor_of_the_step_goes_through_to_device(monkeypatch, datas
     cfg = TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=dataset,
                                    output_dir=str(tmp_path / "r"), max_train_steps=3, rank=4, seed=1,
                                    train_batch_size=2)
-    t = loop.Trainer(cfg).open()
+    t = Trainer(cfg).open()
     t.setup()
     fed = []
 
@@ -59,7 +60,7 @@ def test_every_host_tensor_of_the_step_goes_through_to_device(monkeypatch, datas
 
     t.comps.unet.register_forward_pre_hook(record, with_kwargs=True)
     made.clear()
-    t._loop(0, t.total)
+    t.train_steps(0, t.total)
     assert len(fed) == 3
     ids = {id(x) for x in made}
     for noisy, timesteps, time_ids in fed:

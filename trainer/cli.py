@@ -13,7 +13,7 @@ import threading
 from dataclasses import fields
 from enum import Enum
 
-from .config import ConfigError, FieldError, TrainConfig, _field_type, available_presets
+from .config import ConfigError, FieldError, TrainConfig, field_type, available_presets
 
 # Flags of diffusers' script accepted for compatibility, with why they change nothing here.
 IGNORED_FLAGS = {
@@ -27,8 +27,6 @@ IGNORED_FLAGS = {
     "prior_generation_precision": "class images are generated in the training precision (--mixed_precision)",
 }
 IGNORED_BOOL = {"enable_xformers_memory_efficient_attention", "set_grads_to_none"}
-# Flags that are spelled differently in the advanced script or in older versions.
-ALIASES = {"random_crop": None, "center_crop": "center_crop", "output_name": "output_name"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         if not f.metadata.get("cli", True) or f.name == "preset":
             continue
-        t, _ = _field_type(f.name)
+        t, _ = field_type(f.name)
         kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
         if t is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")
@@ -107,7 +105,8 @@ def main(argv=None) -> int:
         return 2
     for n in notes + cfg.warnings():
         print(n, file=sys.stderr)
-    from .loop import TrainingError, train
+    from .api import train
+    from .training.errors import TrainingError
     from .progress import CliProgress
 
     stop = threading.Event()

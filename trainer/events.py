@@ -7,10 +7,13 @@ and the tests all read the same stream.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,20 +115,27 @@ class EventLog:
         self.path = path
         self.on_event = on_event
         self.enabled = enabled
+        self._failing = False
         if path and enabled:
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
-    write_error: Optional[str] = None
-
     def emit(self, event: Event) -> None:
+        failure = None
         if self.path and self.enabled:
             try:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(event.to_dict()) + "\n")
+                self._failing = False
             except OSError as exc:  # a full disk must not turn a clear error into a crash of the log itself
-                self.write_error = f"{type(exc).__name__}: {exc}"
+                if not self._failing:  # say it once per failing stretch, to the log and to the caller
+                    self._failing = True
+                    failure = (f"the event log {os.path.basename(self.path)} could not be written "
+                               f"({exc.strerror or type(exc).__name__}); progress is shown but not saved")
+                    log.warning(failure)
         if self.on_event is not None:
             self.on_event(event)
+            if failure:
+                self.on_event(Status(phase="events", message=failure))
 
 
 def read_events(path: str) -> list[dict[str, Any]]:

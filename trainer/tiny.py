@@ -48,7 +48,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def _write_clip_tokenizer_files(folder: str) -> int:
+def write_clip_tokenizer_files(folder: str) -> int:
     """Writes vocab.json + merges.txt of a CLIP-style byte-level BPE tokenizer; returns the vocab size."""
     chars = list(_bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
@@ -80,7 +80,7 @@ def _tokenizer(tmp: str):
     from transformers import CLIPTokenizer
 
     d = os.path.join(tmp, "_tok_src")
-    n = _write_clip_tokenizer_files(d)
+    n = write_clip_tokenizer_files(d)
     # Loaded from vocab.json + merges.txt exactly as a Hub CLIP tokenizer folder is.
     tok = CLIPTokenizer.from_pretrained(d, model_max_length=77)
     if len(tok) != n:

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,7 +27,7 @@ def has_cuda() -> bool:
 
 
 class EngineHolder:
-    """One shared generation engine (``trainer.inference.Engine``), created on first use."""
+    """One shared generation engine (``generation.Engine``), created on first use."""
 
     def __init__(self):
         self._engine = None
@@ -37,7 +36,7 @@ class EngineHolder:
     def get(self):
         with self._lock:
             if self._engine is None:
-                from trainer.inference import Engine
+                from generation import Engine
 
                 self._engine = Engine()
             return self._engine

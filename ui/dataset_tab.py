@@ -8,12 +8,10 @@ import shutil
 import gradio as gr
 import pandas as pd
 
-from trainer.config import preset_info
-from trainer.data.buckets import bucket_histogram
-from trainer.data.checks import check_dataset
-from trainer.data.images import ImageProblem, is_image_name, load_image
-from trainer.data.ingest import (IngestProblem, Record, read_metadata_jsonl, safe_extract_zip, safe_filename,
-                                 write_metadata_jsonl)
+from trainer import (ImageProblem, Record, bucket_histogram, check_dataset, collect_folder,
+                     default_resolution_of_model, is_image_name, load_image, preset_info,
+                     read_metadata_jsonl, write_metadata_jsonl)
+from uploads import safe_extract_zip, safe_filename
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
 PROBLEMS_FILE = ".upload_problems.json"
@@ -130,8 +128,6 @@ def _ingest_zip(src: str, shown: str, dest: str) -> tuple[list[str], list[dict],
     and moves the good ones (with a .txt caption) into ``dest``. Problems name '<zip>: <entry>'."""
     import tempfile
 
-    from trainer.data.ingest import collect_folder
-
     added, problems, notes = [], [], []
 
     def prob(file, code, message, fix, severity="error"):
@@ -200,12 +196,8 @@ def caption_template(concept: str) -> tuple[str, str]:
 
 
 def resolution_for(base_model: str) -> int:
-    from trainer.tiny import TINY_RESOLUTION, is_tiny
-
-    if is_tiny(base_model):
-        return TINY_RESOLUTION
-    low = (base_model or "").lower()
-    return 1024 if ("xl" in low or not low) else 512
+    """The model's default resolution (the trainer's one rule); SDXL's 1024 when its configs cannot be read."""
+    return default_resolution_of_model((base_model or "").strip()) or 1024
 
 
 def histogram_html(hist: dict) -> str:

@@ -6,22 +6,12 @@ import shutil
 
 import gradio as gr
 
-from trainer.data.ingest import safe_filename
+from generation import SCHEDULERS, GenerateRequest, InferenceInputError, request_from_run
+from uploads import safe_filename
 
 from . import jobs as J
 
-
-SCHEDULER_NAMES = ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
 UPLOADED = "(uploaded LoRA files)"
-
-
-def scheduler_names() -> list[str]:
-    try:
-        from trainer.inference import SCHEDULERS
-
-        return list(SCHEDULERS)
-    except Exception:
-        return SCHEDULER_NAMES
 
 
 def _path_of(f) -> str:
@@ -54,7 +44,7 @@ def build(ctx) -> dict:
                         elem_id="ls-prompt", lines=2)
     negative = gr.Textbox("", label="Negative prompt", lines=1)
     with gr.Row():
-        scheduler = gr.Dropdown(scheduler_names(), value="Euler a", label="Scheduler")
+        scheduler = gr.Dropdown(list(SCHEDULERS), value="Euler a", label="Scheduler")
         steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
         guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance")
         lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
@@ -77,10 +67,6 @@ def build(ctx) -> dict:
         run_v, lora_v, emb_v, up_base_v, prompt_v, neg_v, sched_v, steps_v, guid_v, scale_v, w_v, h_v, seed_v, n_v = (
             run, lora_file, embeddings_file, lora_base_model, prompt, negative_prompt, scheduler, steps,
             guidance_scale, lora_scale, width, height, seed, num_images)
-        try:
-            from trainer.inference import GenerateRequest, InferenceInputError, request_from_run
-        except ImportError:
-            raise gr.Error("Image generation is not available in this build yet.")
         sid = ctx.sid(ws_id, request)
         if ctx.cuda and ctx.jobs.busy():
             # One GPU job at a time: a generation next to a running training would fight it for GPU memory.
@@ -122,17 +108,8 @@ def build(ctx) -> dict:
                                                                                     unit="steps"))
         except InferenceInputError as e:
             raise gr.Error(str(e))
-        captions = []
-        for i, s in enumerate(res.seeds):
-            captions.append(f"seed {s} · {sched_v} · {int(steps_v)} steps · cfg {guid_v} · scale {scale_v}")
-        out_dir = os.path.join(ctx.workspaces.session_dir(sid), "uploads", ".generated")
-        os.makedirs(out_dir, exist_ok=True)
-        items = []
-        for img, cap in zip(res.images, captions):
-            if isinstance(img, str):
-                items.append((img, cap))
-            else:
-                items.append((img, cap))
+        items = [(img, f"seed {s} · {sched_v} · {int(steps_v)} steps · cfg {guid_v} · scale {scale_v}")
+                 for img, s in zip(res.images, res.seeds)]
         seeds = ", ".join(str(s) for s in res.seeds)
         return items, f"Seeds used: **{seeds}** (type one into Seed to get the same image again)."
 

@@ -15,7 +15,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from trainer.events import read_events
+from trainer import read_events
 
 QUEUED, RUNNING, FINISHED, STOPPED, FAILED = "queued", "running", "finished", "stopped", "failed"
 ACTIVE = (QUEUED, RUNNING)
@@ -24,7 +24,7 @@ ACTIVE = (QUEUED, RUNNING)
 class Job:
     _ids = itertools.count(1)
 
-    def __init__(self, session: str, config: Any, resume: bool = False):
+    def __init__(self, session: str, config: Any, resume: bool = False, history: Optional[list[dict]] = None):
         self.id = next(self._ids)
         self.session = session
         self.config = config
@@ -34,6 +34,7 @@ class Job:
         self.stop = threading.Event()
         self.state = QUEUED
         self.events: list[dict] = []
+        self.history: list[dict] = list(history or [])  # a resumed run's earlier events, read from its folder
         self.error: Optional[str] = None
         self.created = time.time()
         self.lock = threading.Lock()
@@ -48,14 +49,9 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, train_fn: Optional[Callable] = None, before_train: Optional[list[Callable]] = None,
-                 step_delay_s: Optional[float] = None):
+    def __init__(self, train_fn: Optional[Callable] = None, before_train: Optional[list[Callable]] = None):
         self._train_fn = train_fn
         self.before_train = list(before_train or [])
-        # Test knob: slow each step down so a UI test can observe, stop and resume a tiny run.
-        if step_delay_s is None:
-            step_delay_s = float(os.environ.get("LORA_STUDIO_STEP_DELAY", "0") or 0)
-        self.step_delay_s = step_delay_s
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: list[Job] = []
         self._current: Optional[Job] = None
@@ -64,14 +60,15 @@ class JobManager:
         self._worker.start()
 
     # ----- submitting -------------------------------------------------------------------------------------
-    def submit(self, session: str, config: Any, resume: bool = False) -> Job:
+    def submit(self, session: str, config: Any, resume: bool = False,
+               history: Optional[list[dict]] = None) -> Job:
         with self._cv:
             for j in self._jobs:
                 if j.session == session and j.state in ACTIVE:
                     raise RuntimeError(f"run '{j.run_name}' is still {j.state}: stop it first")
                 if j.state in ACTIVE and os.path.realpath(j.run_dir) == os.path.realpath(config.output_dir):
                     raise RuntimeError("that run folder is in use")
-            job = Job(session, config, resume=resume)
+            job = Job(session, config, resume=resume, history=history)
             self._jobs.append(job)
             self._queue.append(job)
             self._cv.notify_all()
@@ -152,13 +149,8 @@ class JobManager:
         if train_fn is None:
             from trainer import train as train_fn
 
-        delay = self.step_delay_s
-
         def on_event(ev) -> None:
-            d = ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
-            job.add_event(d)
-            if delay and d.get("type") == "step":
-                time.sleep(delay)
+            job.add_event(ev.to_dict() if hasattr(ev, "to_dict") else dict(ev))
 
         try:
             result = train_fn(job.config, on_event=on_event, stop=job.stop)

@@ -32,7 +32,7 @@ def build(ctx) -> dict:
 
     def push(run, token, repo, private, ws_id, request: gr.Request):
         run_v, token_v, repo_v, private_v = run, token, repo, private
-        from trainer.export import HubError, push_to_hub
+        from trainer import HubError, push_to_hub
 
         sid = ctx.sid(ws_id, request)
         if not run_v:

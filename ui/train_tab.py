@@ -5,14 +5,13 @@ import html
 import inspect
 import json
 import os
-import re
 from dataclasses import fields
 from enum import Enum
 
 import gradio as gr
 import pandas as pd
 
-from trainer.config import ConfigError, TrainConfig, _field_type, coerce_field, load_preset, preset_info
+from trainer import ConfigError, TrainConfig, coerce_field, field_type, load_preset, preset_info, replace_word
 
 from . import jobs as J
 from .dataset_tab import read_records, save_records
@@ -37,7 +36,7 @@ ADV_NAMES = [f.name for f in ADV]
 
 # ----- values <-> components ---------------------------------------------------------------------------------
 def to_ui(name: str, value):
-    t, optional = _field_type(name)
+    t, optional = field_type(name)
     if isinstance(value, Enum):
         value = value.value
     if t in (int, float):
@@ -50,7 +49,7 @@ def to_ui(name: str, value):
 
 
 def from_ui(name: str, value):
-    t, optional = _field_type(name)
+    t, optional = field_type(name)
     if isinstance(value, str) and value.strip() == "" and optional:
         return None
     if t is int and isinstance(value, float) and value.is_integer():
@@ -91,7 +90,7 @@ def apply_preset(concept: str, current: dict, last_applied: dict) -> tuple[dict,
 
 def make_component(f, value):
     name, meta = f.name, f.metadata
-    t, optional = _field_type(name)
+    t, optional = field_type(name)
     kw = dict(label=name, info=meta.get("help"), elem_id=f"adv-{name}", value=value)
     if t is bool:
         return gr.Checkbox(**kw)
@@ -131,7 +130,7 @@ def job_view(ctx, sid: str) -> dict:
     if job is not None:
         events, state, run, position = job.snapshot(), job.state, job.run_name, ctx.jobs.position(job)
         if job.resume:
-            events = getattr(job, "history", []) + events
+            events = job.history + events
     else:
         runs = ctx.workspaces.list_runs(sid)
         if not runs:
@@ -301,7 +300,7 @@ def build(ctx) -> dict:
         if trig != "TOK":
             for k in ("instance_prompt", "validation_prompt", "class_prompt"):
                 if isinstance(values.get(k), str):
-                    values[k] = re.sub(r"\bTOK\b", trig, values[k])
+                    values[k] = replace_word(values[k], "TOK", trig)
         name = safe_run_name(run_name_v)
         run_dir, n = ctx.workspaces.run_dir(sid, name), 2
         while os.path.exists(run_dir):
@@ -356,10 +355,9 @@ def build(ctx) -> dict:
             return ["This run already finished."] + view_outputs(sid)
         try:
             cfg = cfg.replace(resume_from_checkpoint="latest").validate()
-            new = ctx.jobs.submit(sid, cfg, resume=True)
+            new = ctx.jobs.submit(sid, cfg, resume=True, history=history)
         except (RuntimeError, ConfigError) as e:
             return [f"**Error:** {e}"] + view_outputs(sid)
-        new.history = history
         return [f"Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
 
     def poll(ws_id, request: gr.Request):

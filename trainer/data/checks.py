@@ -29,8 +29,9 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from PIL import Image
 
+from ..training.placeholders import placeholder_pattern
 from .images import ImageProblem, load_image
-from .ingest import ProblemText
+from .problems import ProblemText
 
 __all__ = ["Problem", "check_dataset", "summarize", "has_errors", "dhash", "count_caption_tokens"]
 
@@ -92,11 +93,6 @@ def count_caption_tokens(caption: str, tokenizer: Optional[Callable] = None) -> 
     return len(_WORD_RE.findall(caption)) + 2, False
 
 
-def _trigger_regex(trigger: str) -> "re.Pattern[str]":
-    words = [re.escape(w) for w in trigger.split()]
-    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
-
-
 def _attrs(rec: Any) -> tuple[str, Optional[str], str]:
     if isinstance(rec, (str, os.PathLike)):
         path = os.fspath(rec)
@@ -126,7 +122,8 @@ def check_dataset(
     """
     problems: list[Problem] = []
     trig = (trigger or "").strip()
-    trig_re = _trigger_regex(trig) if trig else None
+    # As the text encoder reads a plain trigger (CLIP lower-cases): the one whole-word rule of placeholders.py.
+    trig_re = placeholder_pattern(trig, ignore_case=True) if trig else None
 
     good: list[tuple[str, str, int, np.ndarray]] = []  # (name, sha, dhash, thumb) of usable images
     for rec in records:

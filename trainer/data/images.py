@@ -31,6 +31,7 @@ __all__ = [
     "load_image",
     "is_image_name",
     "is_unsupported_image_name",
+    "to_rgb",
 ]
 
 #: Pillow format names that are decoded. Everything else is refused with ``unsupported_format``.
@@ -159,7 +160,9 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
     return background.convert("RGB")
 
 
-def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
+def to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: transparency composited on white, 16-bit/float rescaled without clipping;
+    each conversion is noted in ``notes``. The one conversion rule (training, checks, captioning)."""
     mode = im.mode
     if mode == "RGB":
         if "transparency" in im.info:
@@ -312,7 +315,7 @@ def load_image(
                 else:
                     im_t = im
                 try:
-                    rgb = _to_rgb(im_t, notes)
+                    rgb = to_rgb(im_t, notes)
                 except ValueError:
                     raise ImageProblem(
                         "unsupported_mode", f"'{name}' uses the colour mode {original_mode}, which cannot be "

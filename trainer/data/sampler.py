@@ -7,6 +7,7 @@ the samples an uninterrupted one would.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,3 +67,14 @@ class BucketBatchSampler:
         n = self.batches_per_epoch()
         epoch, idx = divmod(position, n)
         return epoch, self.epoch(epoch)[idx]
+
+
+def compute_total_steps(cfg, num_items: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, optimizer steps per epoch)."""
+    per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+    if cfg.max_train_steps:
+        return cfg.max_train_steps, per_epoch
+    if cfg.steps_per_image:
+        images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        return max(1, math.ceil(cfg.steps_per_image * num_items / images_per_step)), per_epoch
+    return cfg.num_train_epochs * per_epoch, per_epoch

@@ -10,7 +10,8 @@ from typing import Optional
 from PIL import Image, ImageOps
 
 from .images import ImageProblem, load_image
-from .ingest import IngestProblem, collect_dataset
+from .folders import collect_dataset, collect_folder
+from .problems import IngestProblem
 
 
 class DatasetError(ValueError):
@@ -98,7 +99,5 @@ def load_items(cfg) -> tuple[list[TrainItem], list[IngestProblem]]:
 
 
 def load_class_items(folder: str) -> list[TrainItem]:
-    from .ingest import collect_folder
-
     records, _ = collect_folder(folder)
     return _from_records(records, "", [])

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Components, ModelFamily, ModelLoadError
-from .loading import read_model_index, resolve
+from .base import Components, ModelFamily
+from .loading import ModelLoadError, read_model_index, resolve, wrap_load_error
+from .resolution import default_resolution, default_resolution_of_folder, default_resolution_of_model
 from .sd import SDFamily
 from .sdxl import SDXLFamily
 
@@ -31,4 +32,6 @@ def detect_family(model_path: str, revision: Optional[str] = None, cache_dir: Op
         "refiners, inpainting and ControlNet models are not supported.")
 
 
-__all__ = ["Components", "ModelFamily", "ModelLoadError", "FAMILIES", "get_family", "detect_family", "resolve"]
+__all__ = ["Components", "ModelFamily", "ModelLoadError", "FAMILIES", "get_family", "detect_family", "resolve",
+           "read_model_index", "wrap_load_error", "default_resolution", "default_resolution_of_folder",
+           "default_resolution_of_model"]

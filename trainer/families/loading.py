@@ -1,16 +1,20 @@
-"""Shared loading helpers: tiny-model ids, model_index.json lookup, and Hub errors that say what to do."""
+"""The loader role: model ids -> local folders, ``model_index.json`` lookup, ``from_pretrained`` of every part,
+and load errors that say what to do."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Optional
 
-from ..tiny import is_tiny, resolve_model_id
-from .base import ModelLoadError
+import torch
 
-OFFLINE_HINT = ("The Hugging Face Hub could not be reached (offline, HF_HUB_OFFLINE=1, or a network error). "
-                "Use a local diffusers folder (--pretrained_model_name_or_path /path/to/model) or the built-in "
-                "offline demo model `tiny-sdxl` (`tiny-sd` for SD 1.x).")
+from ..hub_errors import OFFLINE_HINT, is_gated, is_not_found, is_unreachable
+from ..tiny import is_tiny, resolve_model_id
+from .base import Components
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says why and what to do."""
 
 
 def resolve(model_id: str) -> str:
@@ -37,19 +41,45 @@ def read_model_index(model_path: str, revision: Optional[str] = None, cache_dir:
 
             path = hf_hub_download(model_path, "model_index.json", revision=revision, cache_dir=cache_dir)
         except Exception as exc:  # network, offline mode, missing repo, gated repo
-            name = type(exc).__name__
-            if "RepositoryNotFound" in name or "404" in str(exc):
-                raise ModelLoadError(f"Model {model_path!r} was not found on the Hub (check the id, or log in for "
-                                     f"a gated/private model). {OFFLINE_HINT}") from None
-            raise ModelLoadError(f"Could not load {model_path!r}: {OFFLINE_HINT}") from None
+            raise wrap_load_error(model_path, exc) from None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def wrap_load_error(model_path: str, exc: Exception) -> ModelLoadError:
-    text = str(exc)
-    offline_words = ("offline", "connect", "resolve", "Max retries", "LocalEntryNotFound", "timed out",
-                     "Network", "cannot find the requested files")
-    if any(w.lower() in (text + type(exc).__name__).lower() for w in offline_words):
+    """A Hub / loading failure as a ModelLoadError that says what to do."""
+    if is_gated(exc):
+        return ModelLoadError(f"Model {model_path!r} is gated: accept its license on the Hub and log in "
+                              "(huggingface-cli login), then try again.")
+    if is_not_found(exc):
+        return ModelLoadError(f"Model {model_path!r} was not found on the Hub (check the id, or log in for "
+                              f"a gated/private model). {OFFLINE_HINT}")
+    if is_unreachable(exc):
         return ModelLoadError(f"Could not load {model_path!r}: {OFFLINE_HINT}")
-    return ModelLoadError(f"Could not load {model_path!r}: {type(exc).__name__}: {text[:500]}")
+    return ModelLoadError(f"Could not load {model_path!r}: {type(exc).__name__}: {str(exc)[:500]}")
+
+
+def load_parts(family, model_path: str, *, revision=None, variant=None, vae_path=None, cache_dir=None,
+               dtype=torch.float32) -> Components:
+    """Loads tokenizers, text encoders (``family.text_encoder_classes()``), UNet, VAE and the training noise
+    scheduler from a diffusers folder or Hub id; any failure becomes a ModelLoadError that says what to do."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
+
+    kw = dict(revision=revision, cache_dir=cache_dir)
+    try:
+        tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=sub, use_fast=False, **kw)
+                      for sub in family.tokenizer_attrs]
+        encoders = [cls.from_pretrained(model_path, subfolder=sub, variant=variant, torch_dtype=dtype, **kw)
+                    for cls, sub in zip(family.text_encoder_classes(), family.text_encoder_attrs)]
+        unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=variant,
+                                                    torch_dtype=dtype, **kw)
+        if vae_path:
+            vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir)
+        else:
+            vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=variant, **kw)
+        sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+    except Exception as exc:
+        raise wrap_load_error(model_path, exc) from None
+    return Components(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                      noise_scheduler=sched, model_path=model_path, vae_path=vae_path)

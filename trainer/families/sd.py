@@ -2,7 +2,6 @@
 (SD 2.x 768) targets, no micro-conditioning."""
 from __future__ import annotations
 
-import torch
 
 from .base import Components, ModelFamily
 
@@ -14,21 +13,11 @@ class SDFamily(ModelFamily):
     tokenizer_attrs = ("tokenizer",)
     embedding_keys = ("clip_l",)
     kohya_te_prefixes = ("lora_te",)
-    uses_time_ids = False
 
-    def load(self, model_path, *, revision=None, variant=None, vae_path=None, cache_dir=None,
-             dtype=torch.float32) -> Components:
+    def text_encoder_classes(self) -> list:
         from transformers import CLIPTextModel
 
-        return self._load_parts(model_path, [CLIPTextModel], revision=revision, variant=variant,
-                                vae_path=vae_path, cache_dir=cache_dir, dtype=dtype)
-
-    def default_resolution(self, c: Components) -> int:
-        # SD 2.x v-prediction models are 768 px, everything else in this family 512 px (tiny models: their VAE size).
-        size = getattr(c.vae.config, "sample_size", None)
-        if size and size < 512:
-            return int(size)
-        return 768 if c.prediction_type == "v_prediction" else 512
+        return [CLIPTextModel]
 
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline

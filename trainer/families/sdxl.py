@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..transfer import to_device
+from ..devices import to_device
 from .base import Components, ModelFamily
 
 
@@ -15,14 +15,11 @@ class SDXLFamily(ModelFamily):
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")
     kohya_te_prefixes = ("lora_te1", "lora_te2")
-    uses_time_ids = True
 
-    def load(self, model_path, *, revision=None, variant=None, vae_path=None, cache_dir=None,
-             dtype=torch.float32) -> Components:
+    def text_encoder_classes(self) -> list:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        return self._load_parts(model_path, [CLIPTextModel, CLIPTextModelWithProjection], revision=revision, variant=variant,
-                                vae_path=vae_path, cache_dir=cache_dir, dtype=dtype)
+        return [CLIPTextModel, CLIPTextModelWithProjection]
 
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline

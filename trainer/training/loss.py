@@ -5,12 +5,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-
-def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)
-    a = alphas_cumprod[timesteps].float()
-    return a / (1.0 - a)
+from diffusers.training_utils import compute_snr
 
 
 def target_for(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .config import Optimizer, TrainConfig
+from ..config import Optimizer, TrainConfig
 
 
 class OptimizerUnavailable(RuntimeError):
@@ -76,6 +76,3 @@ def effective_lr(optimizer) -> tuple[float, Optional[float]]:
         return lr, float(g["d"]) * lr
     return lr, None
 
-
-def optimizer_state_numel(optimizer) -> int:
-    return sum(t.numel() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))

@@ -15,43 +15,11 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
-PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
-
-
-class Optimizer(str, Enum):
-    prodigy = "prodigy"
-    adamw = "adamw"
-    adamw8bit = "adamw8bit"
-    adafactor = "adafactor"
-
-
-class LRScheduler(str, Enum):
-    constant = "constant"
-    constant_with_warmup = "constant_with_warmup"
-    linear = "linear"
-    cosine = "cosine"
-    cosine_with_restarts = "cosine_with_restarts"
-    polynomial = "polynomial"
-
-
-class MixedPrecision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class ReportTo(str, Enum):
-    none = "none"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
-
-
-class ModelFamilyName(str, Enum):
-    auto = "auto"
-    sdxl = "sdxl"
-    sd = "sd"
+from ..training.placeholders import new_tokens, split_abstractions
+from .coercion import ConfigError, FieldError, coerce_value
+from .enums import LRScheduler, MixedPrecision, ModelFamilyName, Optimizer, ReportTo
+from .files import load_config_file, load_preset
+from .rules import config_warnings, field_errors
 
 
 def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, group="general", cli=True):
@@ -61,7 +29,6 @@ def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=F
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
-
 
 @dataclass
 class TrainConfig:
@@ -297,149 +264,19 @@ class TrainConfig:
 
     # ----- validation ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        errors: list[FieldError] = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            m = f.metadata
-            if v is None:
-                continue
-            if m.get("choices") is not None and v not in m["choices"]:
-                errors.append(FieldError(f.name, v, f"accepted: {', '.join(str(c) for c in m['choices'] if c)}"))
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                if v != v or v in (float("inf"), float("-inf")):
-                    errors.append(FieldError(f.name, v, "must be a finite number"))
-                    continue
-                lo, hi = m.get("min"), m.get("max")
-                if lo is not None and (v < lo or (m.get("min_exclusive") and v == lo)):
-                    op = ">" if m.get("min_exclusive") else ">="
-                    errors.append(FieldError(f.name, v, f"must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")))
-                elif hi is not None and v > hi:
-                    errors.append(FieldError(f.name, v, f"must be <= {hi}"))
-        e = errors.append
-        if not self.pretrained_model_name_or_path or not str(self.pretrained_model_name_or_path).strip():
-            e(FieldError("pretrained_model_name_or_path", self.pretrained_model_name_or_path,
-                         "a Hub id, a local folder or tiny-sdxl is required"))
-        if not self.instance_data_dir and not self.dataset_name:
-            e(FieldError("instance_data_dir", None, "give --instance_data_dir (a folder of images) or --dataset_name"))
-        if self.instance_data_dir and self.dataset_name:
-            e(FieldError("dataset_name", self.dataset_name, "give either --dataset_name or --instance_data_dir, not both"))
-        if self.instance_data_dir and not os.path.isdir(self.instance_data_dir):
-            e(FieldError("instance_data_dir", self.instance_data_dir, "folder does not exist"))
-        if self.resolution is not None and self.resolution % 8:
-            e(FieldError("resolution", self.resolution, "must be a multiple of 8 (e.g. 512, 768, 1024)"))
-        if self.bucket_step % 8:
-            e(FieldError("bucket_step", self.bucket_step, "must be a multiple of 8"))
-        if self.train_text_encoder and self.train_text_encoder_ti:
-            e(FieldError("train_text_encoder", True,
-                         "choose one: --train_text_encoder (text-encoder LoRA) or --train_text_encoder_ti (pivotal)"))
-        for a in self.abstractions:
-            if any(c.isspace() for c in a) or "<" in a or ">" in a:
-                e(FieldError("token_abstraction", a, "a placeholder is one word without spaces or <>, e.g. TOK"))
-        if self.train_text_encoder_ti:
-            if not self.abstractions:
-                e(FieldError("token_abstraction", self.token_abstraction, "needs at least one placeholder, e.g. TOK"))
-            if self.abstractions and not any(a in self.instance_prompt for a in self.abstractions) \
-                    and not self.caption_column and not self.instance_data_dir:
-                e(FieldError("instance_prompt", self.instance_prompt,
-                             f"must contain the placeholder {self.abstractions[0]} when pivotal tuning is on"))
-        if self.with_prior_preservation:
-            if not self.class_prompt:
-                e(FieldError("class_prompt", None, "required with --with_prior_preservation, e.g. 'a photo of a person'"))
-            if not self.class_data_dir:
-                e(FieldError("class_data_dir", None, "required with --with_prior_preservation (a folder; missing "
-                                                     "images are generated there)"))
-        if self.cache_latents and not self.center_crop:
-            e(FieldError("cache_latents", True, "a cached latent holds one crop: use --center_crop or turn off "
-                                                "--cache_latents for random crops"))
-        if self.keep_tokens and not self.shuffle_tags:
-            e(FieldError("keep_tokens", self.keep_tokens, "only used with --shuffle_tags true"))
-        if self.push_to_hub and not self.hub_model_id:
-            e(FieldError("hub_model_id", None, "required with --push_to_hub, e.g. your-name/my-lora"))
-        if self.hub_model_id and (self.hub_model_id.count("/") > 1 or " " in self.hub_model_id):
-            e(FieldError("hub_model_id", self.hub_model_id, "must look like name or user/name"))
-        if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest" \
-                and not os.path.isdir(self.resume_from_checkpoint):
-            e(FieldError("resume_from_checkpoint", self.resume_from_checkpoint,
-                         "use 'latest' or an existing checkpoint folder"))
-        for name in ("lora_target_modules",):
-            if not [t for t in getattr(self, name).split(",") if t.strip()]:
-                e(FieldError(name, getattr(self, name), "needs at least one module name, e.g. to_q,to_k,to_v,to_out.0"))
-        if self.output_name and (os.sep in self.output_name or self.output_name.startswith(".")):
-            e(FieldError("output_name", self.output_name, "a plain file name without folders"))
+        """Raises ConfigError listing every bad field (``rules.field_errors``); returns ``self`` when valid."""
+        errors = field_errors(self)
         if errors:
             raise ConfigError(errors)
         return self
 
     def warnings(self) -> list[str]:
         """Settings that are legal but very probably wrong (printed and emitted as notes)."""
-        w = []
-        opt_ = Optimizer(self.optimizer)
-        if opt_ == Optimizer.prodigy and self.learning_rate < 0.1:
-            w.append(f"--optimizer prodigy with --learning_rate {self.learning_rate}: Prodigy expects ~1.0 (it "
-                     "estimates the step size itself); a small value makes it barely learn.")
-        if opt_ == Optimizer.prodigy and self.text_encoder_lr is not None and self.text_encoder_lr < 0.1:
-            w.append(f"--optimizer prodigy with --text_encoder_lr {self.text_encoder_lr}: use ~1.0 with Prodigy.")
-        if opt_ in (Optimizer.adamw, Optimizer.adamw8bit) and self.learning_rate > 0.01:
-            w.append(f"--optimizer {opt_.value} with --learning_rate {self.learning_rate}: that is Prodigy's value; "
-                     "AdamW wants ~1e-4 (text: 3e-4 pivotal, 5e-5 full text encoder).")
-        if opt_ in (Optimizer.adamw, Optimizer.adamw8bit) and self.text_encoder_lr is not None \
-                and self.text_encoder_lr > 0.01:
-            w.append(f"--optimizer {opt_.value} with --text_encoder_lr {self.text_encoder_lr}: AdamW wants ~3e-4.")
-        if self.rank >= 64:
-            w.append(f"--rank {self.rank}: rank 64+ tends to over-smooth faces; 32 is the tested default.")
-        return w
+        return config_warnings(self)
 
 
-# ----------------------------------------------------------------------------------------------------------
-def split_abstractions(token_abstraction: str) -> list[str]:
-    """'TOK, STY' -> ['TOK', 'STY']."""
-    return [a.strip() for a in (token_abstraction or "").split(",") if a.strip()]
-
-
-def new_tokens(token_abstraction: str, per_abstraction: int) -> dict[str, list[str]]:
-    """The one numbering of learnt tokens, shared by training, export and generation:
-    'TOK, STY' with 2 each -> {'TOK': ['<s0>', '<s1>'], 'STY': ['<s2>', '<s3>']}."""
-    out, i = {}, 0
-    for abst in split_abstractions(token_abstraction):
-        out[abst] = [f"<s{i + k}>" for k in range(per_abstraction)]
-        i += per_abstraction
-    return out
-
-
-class FieldError(ValueError):
-    def __init__(self, name: str, value: Any, message: str):
-        self.name, self.value, self.message = name, value, message
-        super().__init__(f"--{name} {value!r}: {message}")
-
-
-class ConfigError(ValueError):
-    def __init__(self, errors: list[FieldError]):
-        self.errors = errors
-        super().__init__("invalid configuration:\n" + "\n".join(f"  {err}" for err in errors))
-
-    @property
-    def fields(self) -> list[str]:
-        return [e.name for e in self.errors]
-
-
-_TRUE = {"true", "1", "yes", "y", "on", "t"}
-_FALSE = {"false", "0", "no", "n", "off", "f"}
-
-
-def parse_bool(value: Any) -> bool:
-    """Real boolean parsing: 'False' is False (never ``bool("False")``)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE:
-        return True
-    if isinstance(value, str) and value.strip().lower() in _FALSE:
-        return False
-    raise ValueError(f"not a boolean: {value!r} (use true/false, 1/0, yes/no)")
-
-
-def _field_type(name: str):
+def field_type(name: str):
+    """(type, optional) of the TrainConfig field ``name``; KeyError for an unknown one."""
     hints = get_type_hints(TrainConfig)
     t = hints[name]
     optional = False
@@ -453,80 +290,10 @@ def _field_type(name: str):
 def coerce_field(name: str, value: Any) -> Any:
     """Converts a raw value (string from a flag, YAML scalar) to the field's type or raises FieldError."""
     try:
-        t, optional = _field_type(name)
+        t, optional = field_type(name)
     except KeyError:
         raise FieldError(name, value, "unknown option")
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise FieldError(name, value, "a value is required")
-    try:
-        if t is bool:
-            return parse_bool(value)
-        if isinstance(t, type) and issubclass(t, Enum):
-            v = value.value if isinstance(value, Enum) else str(value).strip().lower()
-            if name == "optimizer" and v == "adamw8bit".lower():
-                v = "adamw8bit"
-            return t(v)
-        if t is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                return int(value)
-            return int(str(value).strip())
-        if t is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if t is str:
-            return str(value)
-    except ValueError:
-        t_name = t.__name__ if not (isinstance(t, type) and issubclass(t, Enum)) else "one of " + ", ".join(
-            m.value for m in t)
-        if t is bool:
-            t_name = "a boolean (true/false, 1/0, yes/no)"
-        raise FieldError(name, value, f"expected {t_name}")
-    return value
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise ConfigError([FieldError("config", path, "file does not exist")])
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError([FieldError("config", path, f"cannot be parsed: {exc}")])
-    if not isinstance(data, dict):
-        raise ConfigError([FieldError("config", path, "must hold a mapping of option: value")])
-    return data
-
-
-def available_presets() -> list[str]:
-    if not os.path.isdir(PRESETS_DIR):
-        return []
-    return sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".yaml"))
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    """A preset's values (data only: ``presets/<name>.yaml``, key ``values``)."""
-    path = os.path.join(PRESETS_DIR, f"{name}.yaml")
-    if not os.path.exists(path):
-        raise ConfigError([FieldError("preset", name, f"accepted: {', '.join(available_presets())}")])
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    values = dict(data.get("values", {}))
-    values.setdefault("concept", data.get("concept", name))
-    return values
-
-
-def preset_info(name: str) -> dict[str, Any]:
-    path = os.path.join(PRESETS_DIR, f"{name}.yaml")
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    return coerce_value(name, t, optional, value)
 
 
 def _suggest(name: str, known) -> str:

@@ -8,7 +8,6 @@ construction).
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
@@ -93,17 +92,8 @@ class PivotalTokens:
             for k, m in zip(keys, self.modules):
                 m.new_rows.copy_(state[k].to(m.new_rows.device, m.new_rows.dtype))
 
-    def replace_in(self, text: str) -> str:
-        return replace_placeholders(text, self.mapping)
-
 
 def set_token_embedding(text_encoder, module: nn.Module) -> None:
     # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
     getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding = module
 
-
-def replace_placeholders(text: str, mapping: dict[str, list[str]]) -> str:
-    """'a photo of TOK' -> 'a photo of <s0><s1>' (whole words only, so 'TOKYO' stays)."""
-    for abst, toks in mapping.items():
-        text = re.sub(rf"(?<![\w<]){re.escape(abst)}(?![\w>])", "".join(toks), text)
-    return text

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import torch
+
+from generation.pipelines import render
 
 
 @torch.no_grad()
@@ -19,13 +20,12 @@ def render_samples(family, components, *, prompt: str, num_images: int, steps: i
     paths = []
     try:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        with (autocast or nullcontext)():
-            for i in range(num_images):
-                image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                             width=resolution, generator=gen).images[0]
-                path = os.path.join(out_dir, f"{tag}-{i}.png")
-                image.save(path)
-                paths.append(path)
+        for i in range(num_images):
+            image = render(pipe, prompt, steps=steps, guidance=guidance, width=resolution, height=resolution,
+                           generator=gen, autocast=autocast)[0]
+            path = os.path.join(out_dir, f"{tag}-{i}.png")
+            image.save(path)
+            paths.append(path)
     finally:
         if was_training:
             components.unet.train()

@@ -21,7 +21,7 @@ import os
 import tempfile
 from typing import Any
 
-from .tiny import _write_clip_tokenizer_files, build_cached, cache_root
+from trainer.tiny import write_clip_tokenizer_files, build_cached, cache_root
 
 REAL_MODELS = ("real-sdxl", "real-sd15")
 CLIP_VOCAB_SIZE = 49408
@@ -194,7 +194,7 @@ def _write_tokenizer(folder: str, tmp: str):
     from transformers import CLIPTokenizer
 
     src = os.path.join(tmp, "_tok_src")
-    _write_clip_tokenizer_files(src)
+    write_clip_tokenizer_files(src)
     with open(os.path.join(src, "vocab.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     specials = ["<|startoftext|>", "<|endoftext|>"]
@@ -296,7 +296,7 @@ def real_model_path(name: str = "real-sdxl", build: bool = True, dtype=None) -> 
     return build_cached("realarch", name, lambda out, tmp: _BUILDERS[name](out, dtype=dtype, tmp=tmp))
 
 
-if __name__ == "__main__":  # python -m trainer.realarch real-sdxl
+if __name__ == "__main__":  # python -m bench.realarch real-sdxl
     import sys
 
     print(real_model_path(sys.argv[1] if len(sys.argv) > 1 else "real-sdxl"))

@@ -32,13 +32,11 @@ def add_text_encoder_lora(text_encoder, cfg) -> list[torch.nn.Parameter]:
 
 
 def upcast_trainable(model) -> list[torch.nn.Parameter]:
-    """Trainable (LoRA) parameters are kept in fp32 even when the frozen base is bf16/fp16."""
-    params = []
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-            params.append(p)
-    return params
+    """Trainable (LoRA) parameters are kept in fp32 even when the frozen base is bf16/fp16; returns them."""
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(model, dtype=torch.float32)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def peft_state_dict(model) -> dict[str, torch.Tensor]:

@@ -24,41 +24,19 @@ timed separately when the measurement covers both (the measurement's pivot is pl
 """
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .config import Optimizer, TrainConfig
-from .events import Started, Status, Step
+from ..config import Optimizer, TrainConfig
+from ..events import Status
+from .measure import Measurement, measure_run
+from .memory import _cuda, available_memory, fmt_bytes, fmt_seconds
 
 MeasureFn = Callable[[TrainConfig], tuple[Optional[int], float]]
-
-GiB = 1024 ** 3
-
-
-@dataclass
-class Measurement:
-    """One measured run."""
-
-    peak_bytes: Optional[int]          # growth during the run (None: out of memory)
-    s_per_it: float                    # mean seconds per optimizer step after the warm-up steps
-    steps: int = 0
-    step_durations: list[float] = field(default_factory=list)
-    text_s_per_it: Optional[float] = None    # steps that train text parameters
-    frozen_s_per_it: Optional[float] = None  # steps after the pivot / without text training
-    overhead_s: float = 0.0            # wall time not spent in (post-warm-up-rate) steps: load, cache, export
-    wall_s: float = 0.0
-    process_peak_bytes: Optional[int] = None  # CUDA: max_memory_allocated; CPU: peak RSS of the process
-    peak_to_last_step_bytes: Optional[int] = None  # the same counter read at the last Step (before the export)
-    total_steps: int = 0               # total steps of the measured run (from its Started event)
-    device: str = "cpu"
-    oom: bool = False
-    error: str = ""
 
 
 @dataclass
@@ -76,276 +54,24 @@ class FitPlan:
     notes: list[str] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Memory helpers
-# ----------------------------------------------------------------------------------------------------------
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return False
-
-
-def _proc_status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def current_rss() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except Exception:
-        v = _proc_status_kb("VmRSS")
-        if v is not None:
-            return v
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS counter of this process (Linux 4.0+); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return _proc_status_kb("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
-
-
-class _RssSampler:
-    """Peak RSS by sampling, for systems where the kernel's counter cannot be reset."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak = interval, current_rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, current_rss())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss())
-
-
-def available_memory() -> int:
-    """Default budget: 92 % of free CUDA memory, or the available RAM on CPU."""
-    if _cuda():
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * 0.92)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        try:
-            with open("/proc/meminfo", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return 8 * GiB
-
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    if n >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    return f"{n / 1024 ** 2:.0f} MiB"
-
-
-def fmt_seconds(s: float) -> str:
-    s = max(0.0, float(s))
-    if s < 60:
-        return f"{s:.0f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measuring one run
-# ----------------------------------------------------------------------------------------------------------
-def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None) -> Measurement:
-    """Runs ``train(cfg)`` in this process and measures it. ``warmup`` steps are left out of the per-step means.
-    An out-of-memory failure returns ``Measurement(peak_bytes=None, oom=True)``; other failures raise."""
-    import torch
-
-    from .loop import TrainingError, train
-
-    events: list = []
-    last_step_peak: list = [None]
-
-    def peak_now() -> Optional[int]:
-        """The run's peak so far: host-side counters, no device sync."""
-        if cuda:
-            return int(torch.cuda.max_memory_allocated())
-        return sampler.peak if sampler else _proc_status_kb("VmHWM")
-
-    def collect(ev):
-        events.append(ev)
-        if getattr(ev, "type", None) == "step" and getattr(ev, "step", None) == getattr(ev, "total", None):
-            last_step_peak[0] = peak_now()
-        if on_event is not None:
-            on_event(ev)
-
-    cuda = _cuda()
-    gc.collect()
-    oom, error = False, ""
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        sampler = None
-    else:
-        _malloc_trim()  # hand freed heap back to the OS, so that this run's allocations show up as RSS growth
-        before = current_rss()
-        sampler = None if _reset_peak_rss() else _RssSampler()
-    t0 = time.time()
-    try:
-        if sampler:
-            with sampler:
-                train(cfg, on_event=collect, stop=stop)
-        else:
-            train(cfg, on_event=collect, stop=stop)
-    except TrainingError as exc:
-        if "out of memory" not in str(exc).lower():
-            raise
-        oom, error = True, str(exc)
-    wall = time.time() - t0
-    if cuda:
-        torch.cuda.synchronize()
-        process_peak = peak_now()
-        peak = process_peak - before
-        gc.collect()
-        torch.cuda.empty_cache()
-    else:
-        process_peak = peak_now() or current_rss()
-        peak = max(0, process_peak - before)
-    m = summarize_events(events, warmup=warmup)
-    m.peak_bytes = None if oom else int(peak)
-    m.process_peak_bytes = None if oom else int(process_peak)
-    m.peak_to_last_step_bytes = None if oom or last_step_peak[0] is None else int(last_step_peak[0])
-    m.wall_s = wall
-    m.overhead_s = max(0.0, wall - _steady_time(m))
-    m.device = torch.cuda.get_device_name() if cuda else "cpu"
-    m.oom, m.error = oom, error
-    return m
-
-
-def summarize_events(events, warmup: int = 1) -> Measurement:
-    """Per-step timing from Started/Step events (objects or dicts)."""
-    def get(ev, k):
-        return ev.get(k) if isinstance(ev, dict) else getattr(ev, k, None)
-
-    started = [e for e in events if get(e, "type") == "started" or isinstance(e, Started)]
-    steps = [e for e in events if get(e, "type") == "step" or isinstance(e, Step)]
-    m = Measurement(peak_bytes=None, s_per_it=float("nan"), steps=len(steps))
-    if started:
-        m.total_steps = int(get(started[-1], "total_steps"))
-    if not steps:
-        return m
-    t_prev = get(started[-1], "time") if started else None
-    durations, kinds = [], []
-    for i, e in enumerate(steps):
-        t = get(e, "time")
-        if t_prev is None:  # no Started event: the first duration is the cumulative s/it of step 1
-            d = float(get(e, "s_per_it"))
-        else:
-            d = float(t) - float(t_prev)
-        durations.append(d)
-        kinds.append(bool(get(e, "text_trainable")))
-        t_prev = t
-    m.step_durations = durations
-    steady = list(range(min(warmup, len(durations) - 1), len(durations)))  # keep >= 1 step
-    mean = lambda idx: (sum(durations[i] for i in idx) / len(idx)) if idx else None  # noqa: E731
-    m.s_per_it = mean(steady)
-    m.text_s_per_it = mean([i for i in steady if kinds[i]])
-    m.frozen_s_per_it = mean([i for i in steady if not kinds[i]])
-    m._kinds = kinds  # type: ignore[attr-defined]
-    return m
-
-
-def _steady_time(m: Measurement) -> float:
-    """Seconds the measured steps would take at their steady per-phase rates (the rest is overhead)."""
-    kinds = getattr(m, "_kinds", [False] * m.steps)
-    total = 0.0
-    for k in kinds:
-        rate = (m.text_s_per_it if k else m.frozen_s_per_it) or m.s_per_it
-        total += rate if rate == rate else 0.0
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Planning
-# ----------------------------------------------------------------------------------------------------------
 def default_resolution(cfg: TrainConfig) -> Optional[int]:
-    """cfg.resolution, else the family default read from a local model folder (None when unknown)."""
+    """cfg.resolution, else the family default read from the model's configs (None when unknown)."""
     if cfg.resolution:
         return int(cfg.resolution)
-    import json
+    from ..families import default_resolution_of_model
 
-    try:
-        from .families.loading import resolve
-
-        path = resolve(cfg.pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            return 1024 if "xl" in path.lower() else None
-        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-            cls = json.load(f).get("_class_name", "")
-        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
-            size = int(json.load(f).get("sample_size") or 512)
-        if "XL" in cls:
-            return size
-        if size < 512:
-            return size
-        with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-            pred = json.load(f).get("prediction_type", "epsilon")
-        return 768 if pred == "v_prediction" else 512
-    except Exception:
-        return None
+    return default_resolution_of_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                                       cache_dir=cfg.cache_dir)
 
 
 def planned_total_steps(cfg: TrainConfig) -> int:
     """Optimizer steps of the whole run, computed as the loop does (single process)."""
     if cfg.max_train_steps:
         return int(cfg.max_train_steps)
-    from .data.buckets import make_buckets, nearest_bucket
-    from .data.sampler import BucketBatchSampler
-    from .data.sources import load_items
-    from .loop import compute_total_steps
+    from ..data.buckets import make_buckets, nearest_bucket
+    from ..data.sampler import BucketBatchSampler
+    from ..data.sampler import compute_total_steps
+    from ..data.sources import load_items
 
     items, _ = load_items(cfg)
     res = default_resolution(cfg) or 1024
@@ -529,7 +255,3 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
     return FitPlan(config=current, changes=changes, predicted_peak_bytes=m.peak_bytes, predicted_seconds=seconds,
                    measured_s_per_it=m.s_per_it, fits=fits, message=message, budget_bytes=budget, total_steps=total,
                    attempts=attempts, notes=notes)
-
-
-__all__ = ["FitPlan", "Measurement", "preflight", "measure_run", "summarize_events", "next_fix",
-           "planned_total_steps", "available_memory", "fmt_bytes", "fmt_seconds"]

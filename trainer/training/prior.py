@@ -7,7 +7,9 @@ import os
 
 import torch
 
-from .data.images import is_image_name
+from generation.pipelines import render
+
+from ..data.images import is_image_name
 
 
 def count_class_images(folder: str) -> int:
@@ -31,8 +33,8 @@ def generate_class_images(family, components, *, folder: str, prompt: str, wante
     done = 0
     while done < missing:
         n = min(batch_size, missing - done)
-        images = pipe([prompt] * n, num_inference_steps=steps, height=resolution, width=resolution,
-                      generator=gen).images
+        images = render(pipe, prompt, steps=steps, guidance=None, width=resolution,
+                        height=resolution, generator=gen, num_images=n)
         for img in images:
             digest = hashlib.sha1(img.tobytes()).hexdigest()[:12]
             tmp = os.path.join(folder, f".class-{have + done:05d}-{digest}.png.tmp")
