@@ -110,7 +110,11 @@ class Engine:
         return time.perf_counter() - t0
 
     def default_size(self) -> int:
-        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        """The base model's default resolution (the trainer's one rule, ``families.default_resolution``)."""
+        from trainer.families import default_resolution
+
+        return default_resolution(self.family.name, getattr(self.pipe.vae.config, "sample_size", None),
+                                  self.pipe.scheduler.config.get("prediction_type", "epsilon"))
 
     def release(self) -> None:
         """Frees the pipeline (before training starts); the next generate loads it again."""
