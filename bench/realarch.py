@@ -58,6 +58,13 @@ def sd15_unet_config() -> dict[str, Any]:
     )
 
 
+def sd21_unet_config() -> dict[str, Any]:
+    """stabilityai/stable-diffusion-2-1 (768 px, v-prediction): the SD 1.5 layout with 1024-wide cross-attention
+    (OpenCLIP-H), per-level head widths, linear attention projections and upcast attention."""
+    return dict(sd15_unet_config(), sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True, upcast_attention=True)
+
+
 def vae_config(scaling_factor: float, sample_size: int) -> dict[str, Any]:
     return dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -89,6 +96,17 @@ def clip_bigg_config(vocab_size: int = CLIP_VOCAB_SIZE):
                           pad_token_id=1)
 
 
+def clip_h_config(vocab_size: int = CLIP_VOCAB_SIZE):
+    """OpenCLIP ViT-H/14 text tower as SD 2.x ships it (``text_encoder``): the HF conversion keeps 23 of its 24
+    layers (SD 2 conditions on the penultimate one) and its 512 projection."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                          num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                          projection_dim=512, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                          pad_token_id=1)
+
+
 SCHEDULER_COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                         steps_offset=1, clip_sample=False, set_alpha_to_one=False)
 
@@ -96,6 +114,8 @@ SCHEDULER_COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
 KNOWN_PARAMS = {
     "sdxl_unet": 2_567_463_684,
     "sd15_unet": 859_520_964,
+    "sd21_unet": 865_910_724,
+    "clip_h": 340_387_840,
     "clip_l": 123_060_480,
     "clip_bigg_projection": 694_659_840,
     "vae": 83_653_863,
@@ -106,7 +126,8 @@ KNOWN_PARAMS = {
 # Construction
 # ---------------------------------------------------------------------------------------------------------
 def meta_model(kind: str):
-    """The module of ``kind`` (sdxl_unet, sd15_unet, clip_l, clip_bigg, sdxl_vae, sd15_vae) on the meta device:
+    """The module of ``kind`` (sdxl_unet, sd15_unet, sd21_unet, clip_l, clip_bigg, clip_h, sdxl_vae, sd15_vae) on
+    the meta device:
     no memory, no init; for parameter counts and FLOP counting."""
     import torch
 
@@ -122,6 +143,10 @@ def _construct(kind: str):
         return UNet2DConditionModel(**sdxl_unet_config())
     if kind == "sd15_unet":
         return UNet2DConditionModel(**sd15_unet_config())
+    if kind == "sd21_unet":
+        return UNet2DConditionModel(**sd21_unet_config())
+    if kind == "clip_h":
+        return CLIPTextModel(clip_h_config())
     if kind == "clip_l":
         return CLIPTextModel(clip_l_config())
     if kind == "clip_bigg":

@@ -199,6 +199,9 @@ def test_realarch_sdxl_configs_are_the_real_sizes():
     assert realarch.count_params(te2) == realarch.KNOWN_PARAMS["clip_bigg_projection"]
     assert realarch.count_params(realarch.meta_model("sdxl_vae")) == realarch.KNOWN_PARAMS["vae"]
     assert realarch.count_params(realarch.meta_model("sd15_unet")) == realarch.KNOWN_PARAMS["sd15_unet"]
+    # SD 2.1: stabilityai/stable-diffusion-2-1's U-Net and its 23-layer OpenCLIP-H text encoder
+    assert realarch.count_params(realarch.meta_model("sd21_unet")) == realarch.KNOWN_PARAMS["sd21_unet"]
+    assert realarch.count_params(realarch.meta_model("clip_h")) == realarch.KNOWN_PARAMS["clip_h"]
     assert 768 + 1280 == c.cross_attention_dim
     assert 1280 + 6 * c.addition_time_embed_dim == c.projection_class_embeddings_input_dim
 
