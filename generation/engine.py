@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from trainer.devices import half_dtype, resolve_device
+from trainer.families.pooling import pool_at_end_of_text
 from trainer.training.placeholders import replace_placeholders
 
 from .errors import InferenceInputError
@@ -99,6 +100,9 @@ class Engine:
         except Exception as exc:
             raise InferenceInputError(f"Could not load base model {base_model!r}: {type(exc).__name__}: "
                                       f"{str(exc)[:300]}") from None
+        # the pooled text vector at the end-of-text token, as in training (trainer/families/pooling.py)
+        pool_at_end_of_text([getattr(pipe, a) for a in family.text_encoder_attrs],
+                            [getattr(pipe, a) for a in family.tokenizer_attrs])
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.family, self._key = pipe, family, key

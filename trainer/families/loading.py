@@ -11,6 +11,7 @@ import torch
 from ..hub_errors import OFFLINE_HINT, is_gated, is_not_found, is_unreachable
 from ..tiny import is_tiny, resolve_model_id
 from .base import Components
+from .pooling import pool_at_end_of_text
 
 
 class ModelLoadError(RuntimeError):
@@ -62,7 +63,8 @@ def wrap_load_error(model_path: str, exc: Exception) -> ModelLoadError:
 def load_parts(family, model_path: str, *, revision=None, variant=None, vae_path=None, cache_dir=None,
                dtype=torch.float32) -> Components:
     """Loads tokenizers, text encoders (``family.text_encoder_classes()``), UNet, VAE and the training noise
-    scheduler from a diffusers folder or Hub id; any failure becomes a ModelLoadError that says what to do."""
+    scheduler from a diffusers folder or Hub id; any failure becomes a ModelLoadError that says what to do. The
+    text encoders pool at the end-of-text token (``pooling.py``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
@@ -81,5 +83,6 @@ def load_parts(family, model_path: str, *, revision=None, variant=None, vae_path
         sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
     except Exception as exc:
         raise wrap_load_error(model_path, exc) from None
+    pool_at_end_of_text(encoders, tokenizers)
     return Components(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       noise_scheduler=sched, model_path=model_path, vae_path=vae_path)
