@@ -72,6 +72,15 @@ def test_v_prediction_family_member_trains(tmp_path):
     assert t.family.name == "sd" and t.comps.prediction_type == "v_prediction"
     res = t.train_steps(0, t.total)
     assert res.step == 4 and np.isfinite(res.final_loss)
+    # the base version comes from the model (linear projections, v-prediction), not from its name: A1111 shows an
+    # SD 2 LoRA on its SD 2 tab, Forge reads the ModelSpec architecture
+    from safetensors import safe_open
+
+    with safe_open(res.artifacts["kohya"], "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_v2"], meta["ss_v_parameterization"], meta["ss_base_model_version"]) == ("True", "True", "sd_v2_v")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["modelspec.prediction_type"] == "v"
 
 
 def test_unsupported_model_is_a_clear_error(tmp_path):

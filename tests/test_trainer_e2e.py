@@ -56,6 +56,13 @@ def test_cli_30_steps_produces_all_artifacts(dataset, tmp_path, tiny_sdxl):
     assert emb["clip_l"].shape == (2, 32) and emb["clip_g"].shape == (2, 48)
     card = (out / "README.md").read_text()
     assert "load_textual_inversion" in card and "<s0><s1>" in card and "ComfyUI" in card
+    # --save_precision's default: the artifacts in fp16 (alpha stays fp32), the checkpoints in fp32 (exact resume)
+    assert {t.dtype for t in emb.values()} == {torch.float16}
+    for name in ("pytorch_lora_weights.safetensors", "cli-run.safetensors"):
+        assert {v.dtype for k, v in load_file(str(out / name)).items() if not k.endswith(".alpha")} == {torch.float16}
+    step30 = out / "checkpoints" / "step-30"
+    ckpt = [load_file(str(step30 / n)) for n in os.listdir(step30) if n.endswith(".safetensors")]
+    assert ckpt and {v.dtype for sd in ckpt for v in sd.values()} == {torch.float32}
 
 
 def test_only_new_token_rows_train_and_freeze_at_the_pivot(dataset, tmp_path, tiny_sdxl):
@@ -125,7 +132,9 @@ def test_exports_load_in_diffusers_from_a_nested_output_dir(dataset, tmp_path, t
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["ss_base_model_version"].startswith("sdxl") and meta["ss_max_train_steps"] == "15"
-    assert meta["modelspec.trigger_phrase"] == "<s0><s1>" and "a photo of TOK" in meta["ss_tag_frequency"]
+    # sd-scripts' tag frequency: comma-separated tags, lower-cased, per dataset folder
+    assert meta["modelspec.trigger_phrase"] == "<s0><s1>" and "a photo of tok" in meta["ss_tag_frequency"]
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # sd-scripts' own SDXL layout
     emb = load_file(res.artifacts["embeddings"])
     assert os.path.dirname(res.artifacts["embeddings"]) == str(out)
     pipe.load_textual_inversion(emb["clip_l"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder,

@@ -51,6 +51,8 @@ def coerce_value(name: str, t: type, optional: bool, value: Any) -> Any:
             v = value.value if isinstance(value, Enum) else str(value).strip().lower()
             if name == "optimizer" and v == "adamw8bit".lower():
                 v = "adamw8bit"
+            if name == "save_precision" and v in ("float", "float32"):
+                v = "fp32"  # kohya's spelling of --save_precision fp32
             return t(v)
         if t is int:
             if isinstance(value, bool):

@@ -26,6 +26,13 @@ class MixedPrecision(str, Enum):
     bf16 = "bf16"
 
 
+class SavePrecision(str, Enum):
+    """dtype of the exported LoRA and embedding files (kohya's ``--save_precision``; ``float`` is read as fp32)."""
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class ReportTo(str, Enum):
     none = "none"
     tensorboard = "tensorboard"

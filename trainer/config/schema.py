@@ -17,7 +17,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from ..training.placeholders import new_tokens, split_abstractions
 from .coercion import ConfigError, FieldError, coerce_value
-from .enums import LRScheduler, MixedPrecision, ModelFamilyName, Optimizer, ReportTo
+from .enums import LRScheduler, MixedPrecision, ModelFamilyName, Optimizer, ReportTo, SavePrecision
 from .files import load_config_file, load_preset
 from .rules import config_warnings, field_errors
 
@@ -159,6 +159,9 @@ class TrainConfig:
                           group="output")
     output_name: Optional[str] = opt(None, "File name of the kohya/embedding artifacts (default: run folder name).",
                                      group="output")
+    save_precision: SavePrecision = opt(
+        SavePrecision.fp16, "dtype of the LoRA files and embeddings: fp16 (half the size of fp32, what A1111, "
+        "ComfyUI and kohya users expect), bf16 or fp32. Checkpoints always stay fp32.", group="output")
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N steps.", min=1, max=10**7,
                                    group="output")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints.", min=1, max=10000,

@@ -34,6 +34,9 @@ class ModelFamily:
     tokenizer_attrs: tuple[str, ...] = ()
     embedding_keys: tuple[str, ...] = ()          # keys of <name>_emb.safetensors, one per text encoder
     kohya_te_prefixes: tuple[str, ...] = ()       # kohya key prefixes, one per text encoder
+    # U-Net module names in the kohya file: those of the U-Net sd-scripts trains this family on ("sgm": the
+    # original SD layout, export/sgm_names.py; "diffusers": diffusers' own module paths)
+    kohya_unet_layout: str = "diffusers"
 
     # ----- loading -----------------------------------------------------------------------------------------
     def text_encoder_classes(self) -> list:

@@ -13,6 +13,7 @@ class SDFamily(ModelFamily):
     tokenizer_attrs = ("tokenizer",)
     embedding_keys = ("clip_l",)
     kohya_te_prefixes = ("lora_te",)
+    kohya_unet_layout = "diffusers"  # sd-scripts trains SD 1.x/2.x on library/original_unet.py (diffusers names)
 
     def text_encoder_classes(self) -> list:
         from transformers import CLIPTextModel

@@ -15,6 +15,7 @@ class SDXLFamily(ModelFamily):
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")
     kohya_te_prefixes = ("lora_te1", "lora_te2")
+    kohya_unet_layout = "sgm"  # sd-scripts trains SDXL on library/sdxl_original_unet.py
 
     def text_encoder_classes(self) -> list:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -4,6 +4,7 @@ Each function takes the :class:`~trainer.training.trainer.Trainer` whose state i
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -90,6 +91,18 @@ def validate(t, step: int, final: bool = False) -> list[str]:
     return paths
 
 
+def run_facts(t, step: int) -> export.RunFacts:
+    """What the kohya metadata says about this run beyond its config: the base model's version (from the model
+    itself), the data, steps, epochs and precision."""
+    comps = t.comps
+    return export.RunFacts(
+        model_id=t.cfg.pretrained_model_name_or_path,
+        version=export.base_version(t.family.name, comps.unet.config, comps.prediction_type),
+        resolution=t.resolution, steps=step, epochs=max(1, math.ceil(step / max(1, t.steps_per_epoch))),
+        batches_per_epoch=t.sampler.batches_per_epoch(), mixed_precision=str(t.accelerator.mixed_precision),
+        started_at=t.started_at, items=t.items, item_buckets=t.item_buckets, class_items=t.class_items)
+
+
 def finish(t, step: int, stopped: bool) -> dict[str, str]:
     """The last checkpoint (unless stopped: the stop already saved one), the LoRA files, embeddings, samples,
     model card and the Hub upload; emits Finished."""
@@ -108,17 +121,18 @@ def finish(t, step: int, stopped: bool) -> dict[str, str]:
     te_sds = [peft_state_dict(te) for te in t.comps.text_encoders] if t.te_lora else []
     fam = t.family
     artifacts["diffusers"] = export.save_diffusers_lora(t.run_dir, fam, cfg, unet_sd, te_sds)
-    meta = export.kohya_metadata(cfg, fam, len(t.items), step, t.resolution, [it.caption for it in t.items],
-                                 cfg.pretrained_model_name_or_path)
-    artifacts["kohya"] = export.save_kohya_lora(t.run_dir, fam, cfg, unet_sd, te_sds, meta)
+    meta = export.kohya_metadata(cfg, run_facts(t, step), unet_sd)
+    artifacts["kohya"] = export.save_kohya_lora(t.run_dir, fam, cfg, unet_sd, te_sds, meta, t.comps.unet.config)
     if t.pivotal:
         artifacts["embeddings"] = export.save_embeddings(t.run_dir, cfg, t.pivotal.state_dict(fam.embedding_keys))
     samples = []
     if cfg.validation_prompt and not stopped:
         samples = validate(t, step, final=True)
+    deviation = (export.dora_tool_deviation([t.comps.unet] + (t.comps.text_encoders if t.te_lora else []))
+                 if cfg.use_dora else None)
     artifacts["model_card"] = export.write_model_card(
         t.run_dir, cfg, fam, model_id=cfg.pretrained_model_name_or_path, steps=step, samples=samples,
-        has_embeddings=bool(t.pivotal))
+        has_embeddings=bool(t.pivotal), dora_deviation=deviation)
     if cfg.push_to_hub and not stopped:
         t.status("push", f"uploading to {cfg.hub_model_id}")
         artifacts["hub"] = export.push_to_hub(t.run_dir, cfg.hub_model_id, cfg.hub_token, cfg.hub_private)

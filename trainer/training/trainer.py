@@ -22,6 +22,7 @@ from ..config import TrainConfig
 from ..data.buckets import bucket_step_for, make_buckets, nearest_bucket
 from ..data.sampler import BucketBatchSampler, compute_total_steps
 from ..events import EventLog, Failed, Started, Status, Step
+from ..export.kohya import outside_sdscripts_blocks
 from . import finish, setup
 from .batches import Batches
 from .caches import LatentCache, TextEncoding
@@ -78,6 +79,7 @@ class Trainer:
         """Everything before the first step: data, model, adapters, optimizer, resume, caches."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
+        self.started_at = time.time()  # the kohya metadata's ss_training_started_at
         self.world, self.rank = acc.num_processes, acc.process_index
         if acc.is_main_process:
             cfg.save(os.path.join(self.run_dir, "config.json"))
@@ -100,6 +102,10 @@ class Trainer:
             class_items, more = setup.prepare_class_images(cfg, family, comps, acc, resolution, seed, self.status)
             notes += more
         self.pivotal, self.te_lora, groups = setup.trainable_groups(cfg, comps, self.world, seed)
+        outside = outside_sdscripts_blocks(comps.unet)
+        if outside:
+            notes.append(f"--lora_target_modules adapts {', '.join(outside[:4])}{' ...' if len(outside) > 4 else ''}: "
+                         "ComfyUI and A1111 load those keys, kohya's sd-scripts has no LoRA there and ignores them")
         self.unet_forward = torch.compile(comps.unet) if cfg.compile_unet else comps.unet
 
         buckets = (make_buckets(resolution, bucket_step_for(resolution, cfg.bucket_step)) if cfg.aspect_buckets
@@ -108,7 +114,7 @@ class Trainer:
         self.item_buckets = item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
         self.sampler = BucketBatchSampler(item_buckets, repeats=cfg.repeats, batch_size=cfg.train_batch_size * self.world,
                                           seed=seed, random_flip=cfg.random_flip)
-        self.total, _per_epoch = compute_total_steps(cfg, len(items), self.sampler.batches_per_epoch())
+        self.total, self.steps_per_epoch = compute_total_steps(cfg, len(items), self.sampler.batches_per_epoch())
         self.pivot_step = max(1, int(cfg.train_text_encoder_ti_frac * self.total)) if self.pivotal else 0
         self.te_stop_step = max(1, int(cfg.train_text_encoder_frac * self.total)) if self.te_lora else 0
         self.optimizer = build_optimizer(cfg, groups)
