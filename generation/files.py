@@ -94,8 +94,9 @@ def check_lora_against_pipeline(pipe, family, sd: dict, meta: dict, name: str) -
         raise InferenceInputError(f"{name!r} is not a LoRA file (key {sample!r} is not a LoRA weight); is it a full "
                                   "model checkpoint?")
     try:
-        converted, _alphas = type(pipe).lora_state_dict(dict(sd), unet_config=pipe.unet.config) \
-            if family.name == "sdxl" else type(pipe).lora_state_dict(dict(sd))
+        # unet_config lets diffusers map original-layout (input_blocks...) keys onto this U-Net, as
+        # load_lora_weights does: an SDXL kohya file then meets the width checks below on an SD 1.x model
+        converted, _alphas = type(pipe).lora_state_dict(dict(sd), unet_config=pipe.unet.config)
     except Exception as exc:
         raise InferenceInputError(f"LoRA {name!r} could not be read as a LoRA: {type(exc).__name__}: "
                                   f"{str(exc)[:200]}") from None

@@ -203,7 +203,7 @@ def test_the_dora_numbers_of_the_card_are_what_comfyui_and_a1111_compute(tmp_pat
         assert measured[tool] == pytest.approx(worst[tool], rel=1e-3) and measured[tool] > 1e-4
     card = open(write_model_card(str(tmp_path), cfg, family, model_id="tiny-sdxl", steps=1, samples=[],
                                  has_embeddings=False, dora_deviation=measured)).read()
-    assert f"every layer within {100 * measured['comfyui']:.2g} %" in card
+    assert f"each layer within {100 * measured['comfyui']:.2g} %" in card
     assert f"layers off by up to {100 * measured['a1111']:.2g} %" in card
 
 

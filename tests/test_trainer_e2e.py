@@ -62,7 +62,7 @@ def test_cli_30_steps_produces_all_artifacts(dataset, tmp_path, tiny_sdxl):
         assert {v.dtype for k, v in load_file(str(out / name)).items() if not k.endswith(".alpha")} == {torch.float16}
     step30 = out / "checkpoints" / "step-30"
     ckpt = [load_file(str(step30 / n)) for n in os.listdir(step30) if n.endswith(".safetensors")]
-    assert ckpt and {v.dtype for sd in ckpt for v in sd.values()} == {torch.float32}
+    assert ckpt and {v.dtype for sd in ckpt for v in sd.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_only_new_token_rows_train_and_freeze_at_the_pivot(dataset, tmp_path, tiny_sdxl):
@@ -109,7 +109,7 @@ def test_one_epoch_run_still_trains_the_tokens(dataset, tmp_path, tiny_sdxl):
     start = init.state_dict(fam.embedding_keys)
     final = load_file(res.artifacts["embeddings"])
     for key in ("clip_l", "clip_g"):
-        assert not torch.allclose(start[key], final[key])
+        assert not torch.allclose(start[key], final[key].float())  # the file is fp16 (--save_precision)
 
 
 def test_exports_load_in_diffusers_from_a_nested_output_dir(dataset, tmp_path, tiny_sdxl):

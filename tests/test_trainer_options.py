@@ -63,6 +63,9 @@ def test_noise_offset_and_dora_and_snr(dataset, tmp_path, tiny_sdxl):
     res = train(cfg(dataset, str(tmp_path / "r"), noise_offset=0.1, use_dora=True, snr_gamma=5.0))
     sd = load_file(res.artifacts["diffusers"])
     assert any("magnitude" in k or "dora" in k for k in sd), list(sd)[:5]
+    # the card states what ComfyUI and A1111 make of this DoRA, measured on the trained layers
+    card = open(res.artifacts["model_card"]).read()
+    assert "## DoRA in each tool" in card and card.count("measured on this file") == 2
 
 
 def test_checkpoints_total_limit(dataset, tmp_path, tiny_sdxl):
@@ -133,8 +136,11 @@ def test_final_samples_use_the_learnt_tokens(dataset, tmp_path, tiny_sdxl):
 def test_memory_options_train_finite(dataset, tmp_path, tiny_sdxl, extra):
     res = train(cfg(dataset, str(tmp_path / "r"), train_text_encoder_ti=True, **extra))
     assert res.step == 4 and res.final_loss == res.final_loss
+    # the LoRA trains in fp32 under a bf16 base: the checkpoint holds it so; the file is --save_precision (fp16)
+    ckpt = os.path.join(res.artifacts["checkpoint"], "lora_unet.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in load_file(ckpt).values())
     sd = load_file(res.artifacts["diffusers"])
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())  # fp32 LoRA under bf16
+    assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in sd.values())
 
 
 def test_text_encoders_leave_the_device_after_the_pivot_and_are_not_called_again(dataset, tmp_path, tiny_sdxl,

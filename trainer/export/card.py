@@ -83,6 +83,7 @@ def _tools_section(cfg, family, has_embeddings: bool) -> str:
     merge = "networks/sdxl_merge_lora.py" if sdxl else "networks/merge_lora.py"
     module = ("--network_module lycoris.kohya --network_args algo=lora dora_wd=True" if cfg.use_dora
               else "--network_module networks.lora")
+    merge_note = " (it has no DoRA: it merges the LoRA part only)" if cfg.use_dora else ""
     return f"""## AUTOMATIC1111 / Forge
 Put `{kohya}` in `models/Lora`{f' and `{emb}.safetensors` in `embeddings`' if has_embeddings else ''}, then prompt
 `{a1111_prompt} ... <lora:{name}:0.9>`.
@@ -93,21 +94,21 @@ Load `{kohya}` with a LoraLoader node{f'; put `{emb}.safetensors` in `models/emb
 ## kohya's sd-scripts
 `{kohya}` is named the way sd-scripts names its own LoRA: continue training with
 `{script} {module} --network_dim {cfg.rank} --network_alpha {cfg.effective_alpha:g} --network_weights {kohya}`,
-or merge it with `{merge} --models {kohya}`. The file's `ss_network_args` metadata lists any further
+or merge it with `{merge} --models {kohya}`{merge_note}. The file's `ss_network_args` metadata lists any further
 `--network_args` it needs (`conv_dim` when convolutions carry LoRA)."""
 
 
 def _measured(deviation: Optional[dict], tool: str, wording: str) -> str:
     if not deviation or tool not in deviation:
         return ""
-    return f" (measured on this file: {wording} {100 * deviation[tool]:.2g} %, relative, per layer)"
+    return f" (measured on this file: {wording} {100 * deviation[tool]:.2g} % of the trained weights)"
 
 
 def _dora_section(cfg, deviation: Optional[dict]) -> str:
     if not cfg.use_dora:
         return ""
     kohya = kohya_file_name(cfg)
-    comfy = _measured(deviation, "comfyui", "every layer within")
+    comfy = _measured(deviation, "comfyui", "each layer within")
     a1111 = _measured(deviation, "a1111", "layers off by up to")
     return f"""
 
