@@ -112,7 +112,9 @@ def main(argv=None) -> int:
         return 2
     if not cuda:
         torch.set_flush_denormal(True)  # CPU: denormal optimizer states slow steps 10-100x
-        torch.set_num_threads(1)  # the dry run checks paths, not speed; 1 thread suffers least on busy cores
+        # The dry run checks paths, not speed: one thread each for ours and (through the environment it inherits)
+        # the reference; on 2 busy cores two threads made a tiny step up to 10x slower.
+        torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
     budget = args.budget_s if args.budget_s is not None else (0 if args.dry_run else 450)
     backend = args.compile_backend or ("inductor" if cuda else "eager")
     from trainer.training.trainer import Trainer

@@ -7,7 +7,8 @@
 #   bash bench/gpu_table.sh --dry-run [--reference PATH]     # CPU, tiny sizes (tests/test_gpu_table.py)
 #
 # --wheels DIR: wheels from bench/gpu_wheels.sh, installed with pip --no-index --no-deps into a folder put first
-# on PYTHONPATH (default .whl when it holds wheels; a dry run installs none unless --wheels is given).
+# on PYTHONPATH (default: .whl when it holds wheels, else the installed packages; a dry run installs none unless
+# --wheels is given).
 # --out DIR: table.md, results.json, stdout.log and stderr.log (default $OUT, else gpu-table-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$WHEELS" ] && [ "$DRY" = 0 ]; then
-  WHEELS=.whl
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    WHEELS=.whl
+  else
+    echo "# no wheels in .whl: using the installed packages"
+  fi
 fi
 mkdir -p "$OUTDIR"
 start=$(date +%s)
