@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def _table(lines: list[str]) -> dict[str, dict[str, str]]:
 
 def test_dry_run_prints_every_row_path_and_ratio(tiny_sdxl, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)  # the script's python: this one
     env.pop("OUT", None)
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_table.sh"), "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
