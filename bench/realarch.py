@@ -74,6 +74,13 @@ def vae_config(scaling_factor: float, sample_size: int) -> dict[str, Any]:
     )
 
 
+def sdxl_vae_fp16_fix_config() -> dict[str, Any]:
+    """madebyollin/sdxl-vae-fp16-fix: the SDXL VAE's architecture and scaling factor (its weights were rescaled
+    so that activations fit in fp16); its config has ``force_upcast`` false, so pipelines keep it in half
+    precision, and a sample_size of 512."""
+    return dict(vae_config(0.13025, 512), force_upcast=False)
+
+
 def clip_l_config(vocab_size: int = CLIP_VOCAB_SIZE):
     """CLIP ViT-L/14 text tower (SDXL ``text_encoder``, SD 1.5 ``text_encoder``)."""
     from transformers import CLIPTextConfig
@@ -126,7 +133,8 @@ KNOWN_PARAMS = {
 # Construction
 # ---------------------------------------------------------------------------------------------------------
 def meta_model(kind: str):
-    """The module of ``kind`` (sdxl_unet, sd15_unet, sd21_unet, clip_l, clip_bigg, clip_h, sdxl_vae, sd15_vae) on
+    """The module of ``kind`` (sdxl_unet, sd15_unet, sd21_unet, clip_l, clip_bigg, clip_h, sdxl_vae, sd15_vae,
+    sdxl_vae_fp16_fix) on
     the meta device:
     no memory, no init; for parameter counts and FLOP counting."""
     import torch
@@ -155,6 +163,8 @@ def _construct(kind: str):
         return AutoencoderKL(**vae_config(0.13025, 1024))
     if kind == "sd15_vae":
         return AutoencoderKL(**vae_config(0.18215, 512))
+    if kind == "sdxl_vae_fp16_fix":
+        return AutoencoderKL(**sdxl_vae_fp16_fix_config())
     raise ValueError(f"unknown component {kind!r}")
 
 
@@ -164,10 +174,12 @@ def count_params(module) -> int:
 
 def random_init_(module, seed: int = 0) -> None:
     """Variance-preserving random weights in place: linear/conv N(0, 1/fan_in), norms 1/0, embeddings N(0, 0.02),
-    biases 0. Works in any floating dtype (generated in fp32 per tensor, then cast)."""
+    biases 0. Works in any floating dtype (generated in fp32 per tensor, then cast), on the module's device (a
+    CUDA module draws from a CUDA generator: other numbers than a CPU build, same distribution)."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -176,26 +188,27 @@ def random_init_(module, seed: int = 0) -> None:
             elif p.ndim == 1:  # norm weights
                 p.fill_(1.0)
             elif "embedding" in name or "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
             else:
                 fan_in = math.prod(p.shape[1:])
                 # in chunks along dim 0 so the fp32 temporary stays small
                 step = max(1, (1 << 24) // max(1, fan_in))
                 for i in range(0, p.shape[0], step):
                     chunk = p[i:i + step]
-                    chunk.copy_(torch.randn(chunk.shape, generator=gen) / math.sqrt(fan_in))
+                    chunk.copy_(torch.randn(chunk.shape, generator=gen, device=device) / math.sqrt(fan_in))
         for name, b in module.named_buffers():
             if b.is_meta:
                 raise RuntimeError(f"buffer {name} was left on the meta device")
 
 
-def materialize(kind: str, dtype, seed: int = 0):
-    """``kind`` built on meta, materialised on CPU directly in ``dtype`` and randomly initialised."""
+def materialize(kind: str, dtype, seed: int = 0, device: str = "cpu"):
+    """``kind`` built on meta, materialised on ``device`` directly in ``dtype`` and randomly initialised (on a
+    GPU the SDXL UNet takes seconds instead of a minute of CPU)."""
     import torch
 
     module = meta_model(kind)
     torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' override warns about fp32 modules
-    module = module.to_empty(device="cpu")
+    module = module.to_empty(device=device)
     # Non-persistent buffers (e.g. CLIP position_ids) are lost by to_empty: rebuild them from a fresh module.
     _restore_buffers(module, kind)
     random_init_(module, seed)
@@ -209,7 +222,8 @@ def _restore_buffers(module, kind: str) -> None:
         if name.endswith("position_ids"):
             owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
             leaf = name.rsplit(".", 1)[-1]
-            owner.register_buffer(leaf, torch.arange(buf.shape[-1]).expand((1, -1)).contiguous(), persistent=False)
+            owner.register_buffer(leaf, torch.arange(buf.shape[-1], device=buf.device).expand((1, -1)).contiguous(),
+                                  persistent=False)
 
 
 def _write_tokenizer(folder: str, tmp: str):
@@ -246,16 +260,16 @@ def _write_model_index(out: str, class_name: str, parts: dict[str, tuple[str, st
         json.dump(index, f, indent=2)
 
 
-def _save_component(kind: str, folder: str, dtype, seed: int) -> None:
+def _save_component(kind: str, folder: str, dtype, seed: int, device: str = "cpu") -> None:
     import gc
 
-    module = materialize(kind, dtype, seed)
+    module = materialize(kind, dtype, seed, device)
     module.save_pretrained(folder, safe_serialization=True)
     del module
     gc.collect()
 
 
-def build_real_sdxl(out: str, dtype=None, tmp: str | None = None) -> str:
+def build_real_sdxl(out: str, dtype=None, tmp: str | None = None, device: str = "cpu") -> str:
     import torch
     from diffusers import EulerDiscreteScheduler
 
@@ -264,10 +278,10 @@ def build_real_sdxl(out: str, dtype=None, tmp: str | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     _write_tokenizer(os.path.join(out, "tokenizer"), tmp)
     _write_tokenizer(os.path.join(out, "tokenizer_2"), tmp)
-    _save_component("clip_l", os.path.join(out, "text_encoder"), dtype, 1)
-    _save_component("clip_bigg", os.path.join(out, "text_encoder_2"), dtype, 2)
-    _save_component("sdxl_vae", os.path.join(out, "vae"), torch.float32, 4)  # small; the trainer runs it in fp32
-    _save_component("sdxl_unet", os.path.join(out, "unet"), dtype, 3)
+    _save_component("clip_l", os.path.join(out, "text_encoder"), dtype, 1, device)
+    _save_component("clip_bigg", os.path.join(out, "text_encoder_2"), dtype, 2, device)
+    _save_component("sdxl_vae", os.path.join(out, "vae"), torch.float32, 4, device)  # small; run in fp32
+    _save_component("sdxl_unet", os.path.join(out, "unet"), dtype, 3, device)
     EulerDiscreteScheduler(prediction_type="epsilon", timestep_spacing="leading", interpolation_type="linear",
                            use_karras_sigmas=False, **{k: v for k, v in SCHEDULER_COMMON.items()
                                                        if k not in ("clip_sample", "set_alpha_to_one")}
@@ -284,7 +298,7 @@ def build_real_sdxl(out: str, dtype=None, tmp: str | None = None) -> str:
     return out
 
 
-def build_real_sd15(out: str, dtype=None, tmp: str | None = None) -> str:
+def build_real_sd15(out: str, dtype=None, tmp: str | None = None, device: str = "cpu") -> str:
     import torch
     from diffusers import PNDMScheduler
 
@@ -292,9 +306,9 @@ def build_real_sd15(out: str, dtype=None, tmp: str | None = None) -> str:
     tmp = tmp or tempfile.mkdtemp()
     os.makedirs(out, exist_ok=True)
     _write_tokenizer(os.path.join(out, "tokenizer"), tmp)
-    _save_component("clip_l", os.path.join(out, "text_encoder"), dtype, 11)
-    _save_component("sd15_vae", os.path.join(out, "vae"), torch.float32, 14)
-    _save_component("sd15_unet", os.path.join(out, "unet"), dtype, 13)
+    _save_component("clip_l", os.path.join(out, "text_encoder"), dtype, 11, device)
+    _save_component("sd15_vae", os.path.join(out, "vae"), torch.float32, 14, device)
+    _save_component("sd15_unet", os.path.join(out, "unet"), dtype, 13, device)
     PNDMScheduler(skip_prk_steps=True, prediction_type="epsilon",
                   **{k: v for k, v in SCHEDULER_COMMON.items() if k != "clip_sample"}
                   ).save_pretrained(os.path.join(out, "scheduler"))
@@ -311,14 +325,42 @@ def build_real_sd15(out: str, dtype=None, tmp: str | None = None) -> str:
 _BUILDERS = {"real-sdxl": build_real_sdxl, "real-sd15": build_real_sd15}
 
 
-def real_model_path(name: str = "real-sdxl", build: bool = True, dtype=None) -> str:
-    """Folder of the random-weight real-architecture model ``name``; built once (temp folder, then rename).
-    SDXL takes ~7 GB of disk in bf16 and a few minutes of CPU."""
+def real_model_path(name: str = "real-sdxl", build: bool = True, dtype=None, device: str = "cpu") -> str:
+    """Folder of the random-weight real-architecture model ``name``; built once (temp folder, then rename) with
+    its weights made on ``device``. SDXL takes ~7 GB of disk in bf16 and a few minutes of CPU."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown real-architecture model {name!r}; choose one of {', '.join(REAL_MODELS)}")
     if not build:
         return os.path.join(cache_root(), "realarch", name)
-    return build_cached("realarch", name, lambda out, tmp: _BUILDERS[name](out, dtype=dtype, tmp=tmp))
+    return build_cached("realarch", name, lambda out, tmp: _BUILDERS[name](out, dtype=dtype, tmp=tmp, device=device))
+
+
+FP16_FIX_VAE = "sdxl-vae-fp16-fix"
+
+
+def fp16_fix_vae_path(build: bool = True, device: str = "cpu") -> str:
+    """Folder of a random-weight VAE with madebyollin/sdxl-vae-fp16-fix's config (for
+    ``--pretrained_vae_model_name_or_path``), built once (temp folder, then rename). Its path contains "fp16-fix":
+    the trainer runs such a VAE in the weight dtype (``training/setup.py`` ``load_model``), any other in fp32."""
+    import shutil
+
+    import torch
+
+    path = os.path.join(cache_root(), "realarch", FP16_FIX_VAE)
+    if not build or os.path.exists(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{FP16_FIX_VAE}-", dir=os.path.dirname(path))
+    try:
+        _save_component("sdxl_vae_fp16_fix", os.path.join(tmp, "vae"), torch.float32, 5, device)  # published: fp32
+        try:
+            os.rename(os.path.join(tmp, "vae"), path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "config.json")):  # another process won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 if __name__ == "__main__":  # python -m bench.realarch real-sdxl

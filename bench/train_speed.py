@@ -105,16 +105,21 @@ def make_dataset(folder: str, n: int, resolution: int, captions: bool = True, se
     return folder
 
 
-def bench_config(args, model: str, data: str, out: str, caches: bool):
+def bench_config(args, model: str, data: str, out: str, caches: bool, overrides: dict | None = None):
+    """Our run's TrainConfig at the LoRA Ease configuration; ``overrides`` (TrainConfig fields) replace any of
+    it, e.g. ``{"optimizer": "adamw8bit"}`` or ``{"mixed_precision": "fp16"}``."""
     from trainer import TrainConfig
 
     cuda = _cuda()
-    return TrainConfig.from_dict(dict(
+    fields = dict(
         pretrained_model_name_or_path=model, instance_data_dir=data, output_dir=out, instance_prompt=INSTANCE_PROMPT,
         resolution=args.resolution, train_batch_size=args.batch, gradient_accumulation_steps=1, rank=args.rank,
         max_train_steps=args.warmup + args.steps, checkpointing_steps=10 ** 7, cache_latents=caches,
         cache_text_embeddings=caches, gradient_checkpointing=cuda and not args.no_gradient_checkpointing,
-        mixed_precision="bf16" if cuda else None, **LORA_EASE)).validate()
+        mixed_precision="bf16" if cuda else None, pretrained_vae_model_name_or_path=getattr(args, "vae", None),
+        **LORA_EASE)
+    fields.update(overrides or {})
+    return TrainConfig.from_dict(fields).validate()
 
 
 def _cuda() -> bool:
@@ -186,13 +191,15 @@ def count_unet_step_flops(unet, batch: int, resolution: int, device: str = "meta
 
 
 # ----------------------------------------------------------------------------------------------------------
-def run_ours(args, model: str, data: str, caches: bool, label: str) -> dict:
+def run_ours(args, model: str, data: str, caches: bool, label: str, overrides: dict | None = None,
+             on_event=None) -> dict:
+    """One timed run of our trainer (``bench_config`` + ``overrides``); ``on_event`` sees every event."""
     from trainer.preflight import measure_run
 
     out = tempfile.mkdtemp(prefix="bench-run-")
     try:
-        cfg = bench_config(args, model, data, out, caches)
-        m = measure_run(cfg, warmup=args.warmup)
+        cfg = bench_config(args, model, data, out, caches, overrides)
+        m = measure_run(cfg, warmup=args.warmup, on_event=on_event)
     except Exception as exc:  # a bad setting or dataset: one error row + its message, like a failed reference
         return {"run": label, "error": f"{type(exc).__name__}: {str(exc).strip()}"}
     finally:
@@ -280,7 +287,9 @@ def reference_env() -> tuple[dict, str | None]:
 def reference_args(args, script: str, model: str, data: str) -> list[str]:
     """The reference's command line at the LoRA Ease configuration. Its --output_dir is relative (the run's cwd
     is a temp folder): the script's final save writes f"{output_dir}/{output_dir}_emb.safetensors", which
-    fails after training with an absolute path."""
+    fails after training with an absolute path. Every local path given to it is made absolute for that cwd."""
+    local = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # noqa: E731 (a Hub id stays)
+    script, model, data = local(script), local(model), local(data)
     a = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt", INSTANCE_PROMPT,
          "--output_dir", "ref-out", "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
          "--gradient_accumulation_steps", "1", "--max_train_steps", str(args.warmup + args.steps),
@@ -293,7 +302,23 @@ def reference_args(args, script: str, model: str, data: str) -> list[str]:
          "--seed", "0", "--cache_latents"]
     if _cuda() and not args.no_gradient_checkpointing:  # the same rule as bench_config for ours
         a.append("--gradient_checkpointing")
+    if getattr(args, "vae", None):
+        a += ["--pretrained_vae_model_name_or_path", local(args.vae)]
     return [sys.executable, "-c", _LAUNCHER, script] + a
+
+
+def failure_lines(tail: list[str], n: int = 5) -> list[str]:
+    """The last ``n`` telling lines of a failed script's output: without the harness's own markers and the
+    "Exception ignored in: <finalize ...>" blocks that interpreter shutdown prints after the real error."""
+    keep, skipping = [], False
+    for line in tail:
+        if line.startswith("Exception ignored in"):
+            skipping = True
+        elif skipping and re.match(r"^\w+(Error|Exception)\b", line):
+            skipping = False
+        elif not skipping and line.strip() and not line.startswith("__BENCH_"):
+            keep.append(line)
+    return keep[-n:]
 
 
 def run_reference(args, script: str, model: str, data: str, env: dict, label: str = "reference") -> dict:
@@ -341,7 +366,7 @@ def run_reference(args, script: str, model: str, data: str, env: dict, label: st
     for t in threads:
         t.join()
     shutil.rmtree(out, ignore_errors=True)
-    failure = f"exit {rc}: " + " | ".join(l for l in tail[-5:] if l.strip())[:600] if rc != 0 else None
+    failure = f"exit {rc}: " + " | ".join(failure_lines(tail))[:600] if rc != 0 else None
     finished = bool(marks) and marks[-1][1] == total
     if failure and not finished:
         return {"run": label, "error": failure}
@@ -358,26 +383,36 @@ def run_reference(args, script: str, model: str, data: str, env: dict, label: st
 
 
 # ----------------------------------------------------------------------------------------------------------
-def time_to_first_image(args, model: str, data: str) -> dict:
-    """Trains a short run, then times Engine: picking the finished run -> first image."""
+def time_to_first_image(args, model: str, data: str, dtype=None) -> dict:
+    """Trains a short run, then times Engine (``dtype``: the Engine's default when None): picking the finished
+    run -> first image. Also says what the engine loaded (LoRA, embeddings, dtype) and whether the image has any
+    variation (a NaN decode comes out as one flat colour)."""
+    import numpy as np
+
     from generation import Engine, request_from_run
     from trainer import train
 
     out = tempfile.mkdtemp(prefix="bench-tti-")
+    engine = None
     try:
         cfg = bench_config(args, model, data, out, True).replace(max_train_steps=2)
         train(cfg)
         t0 = time.perf_counter()
-        engine = Engine()
+        engine = Engine(dtype=dtype)
         req = request_from_run(out, prompt="a photo of TOK", seed=0, steps=args.tti_steps,
                                width=args.resolution, height=args.resolution)
         res = engine.generate(req)
         seconds = time.perf_counter() - t0
+        info = res.info if isinstance(res.info, dict) else {}
         return {"seconds": seconds, "images": len(res.images), "inference_steps": args.tti_steps,
-                "timings": res.info.get("timings") if isinstance(res.info, dict) else None}
+                "timings": info.get("timings"), "dtype": info.get("dtype"), "size": info.get("size"),
+                "lora": info.get("lora"), "embeddings": info.get("embeddings"),
+                "pixel_std": float(np.asarray(res.images[0], dtype=np.float32).std()) if res.images else None}
     except Exception as exc:
         return {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
     finally:
+        if engine is not None:
+            engine.release()
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -406,9 +441,9 @@ def fmt_mem(b, cuda: bool):
 COLUMNS = ["run", "model", "device", "steps/s", "images/s", "peak memory", "FLOPs/step", "MFU"]
 
 
-def table(rows: list[dict]) -> str:
-    cells = [COLUMNS] + [[str(r.get(c, "")) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+def table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    cells = [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     line = lambda row: "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
@@ -450,6 +485,8 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=None, help="default: the model's (tiny 64, SDXL 1024)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--images", type=int, default=4, help="images in the generated dataset")
+    p.add_argument("--vae", metavar="PATH", help="a separate VAE for both trainers (--pretrained_vae_model_name_or_path; "
+                   "a path containing 'fp16-fix' runs in the weight dtype)")
     p.add_argument("--no-cache", action="store_true", help="cache_latents and cache_text_embeddings off")
     p.add_argument("--compare-caches", action="store_true", help="run with and without caches; print the ratio")
     p.add_argument("--compare-reference", metavar="PATH",

@@ -18,49 +18,8 @@ STANDIN = os.path.join(ROOT, "tests", "fixtures", "torchvision_standin")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import train_speed  # noqa: E402
 
-# A reference script: same flags as diffusers' advanced script, steps of `STEP_S` seconds, a 64 MiB buffer.
-FAKE_REFERENCE = textwrap.dedent('''
-    import argparse, os, sys, time
-    import transformers.utils
-    from torchvision import transforms
-    from torchvision.transforms.functional import crop
-    from tqdm.auto import tqdm
-
-    p = argparse.ArgumentParser()
-    for flag in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "output_dir",
-                 "resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                 "checkpointing_steps", "rank", "mixed_precision", "optimizer", "learning_rate", "text_encoder_lr",
-                 "adam_beta2", "adam_weight_decay", "adam_weight_decay_text_encoder", "train_text_encoder_ti_frac",
-                 "token_abstraction", "num_new_tokens_per_abstraction", "snr_gamma", "lr_scheduler",
-                 "lr_warmup_steps", "repeats", "seed"):
-        p.add_argument("--" + flag, required=True)
-    for flag in ("train_text_encoder_ti", "cache_latents", "gradient_checkpointing"):
-        p.add_argument("--" + flag, action="store_true")
-    a = p.parse_args()
-    assert not os.path.isabs(a.output_dir), a.output_dir
-    assert not transformers.utils.is_torchvision_available()  # the stand-in is for this script only
-    if os.environ.get("FAKE_FAIL") == "before":
-        print("Traceback: something broke", file=sys.stderr)
-        sys.exit(3)
-    buf = bytearray(64 * 1024 * 1024)  # peak RSS
-    for i in range(0, len(buf), 4096):
-        buf[i] = 1
-    step_s = float(os.environ["FAKE_STEP_S"])
-    bar = tqdm(range(int(a.max_train_steps)), desc="Steps")
-    for _ in range(int(a.max_train_steps)):
-        time.sleep(step_s)
-        bar.update(1)
-        bar.set_postfix(loss=0.5)
-    os.makedirs(a.output_dir, exist_ok=True)
-    time.sleep(1.0)  # saving: must not count as training time
-    after = bytearray(int(os.environ.get("FAKE_AFTER_MB", "0")) * 1024 * 1024)  # e.g. its unet.to(float32)
-    for i in range(0, len(after), 4096):
-        after[i] = 1
-    if os.environ.get("FAKE_FAIL") == "after":
-        print("Killed while loading the final pipeline", file=sys.stderr)
-        sys.exit(9)
-    open(f"{a.output_dir}/{a.output_dir}_emb.safetensors", "wb").close()
-''')
+# A reference script: same flags as diffusers' advanced script, steps of `FAKE_STEP_S` seconds, a 64 MiB buffer.
+FAKE_REFERENCE = open(os.path.join(ROOT, "tests", "fixtures", "fake_reference.py"), encoding="utf-8").read()
 
 
 def _args(**kw):
@@ -211,3 +170,24 @@ def test_real_reference_script_runs_on_the_tiny_model(tiny_sdxl, tmp_path):
     data = json.loads(out.read_text())
     assert all("error" not in r for r in data["runs"]), data["runs"]
     assert data["ratios"]["steps_per_s ours/reference"] > 0
+
+
+def test_relative_script_model_and_vae_paths_work_from_the_reference_run_folder(tmp_path, monkeypatch):
+    # the reference runs with a temp folder as its cwd: relative paths given on the command line must still work
+    (tmp_path / "fake_reference.py").write_text(FAKE_REFERENCE)
+    (tmp_path / "vae-fp16-fix").mkdir()
+    (tmp_path / "vae-fp16-fix" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    res = train_speed.run_reference(_args(vae="vae-fp16-fix"), "fake_reference.py", "model", ".",
+                                    _standin_env(FAKE_STEP_S="0.01", FAKE_SAVE_S="0"))
+    assert "error" not in res, res
+
+
+def test_a_failure_names_the_error_not_the_interpreter_shutdown_noise_after_it():
+    tail = ["Traceback (most recent call last):", '  File "<frozen runpy>", line 254, in _get_code_from_file',
+            "FileNotFoundError: [Errno 2] No such file or directory: 'train.py'", "__BENCH_PEAK__ 253612032"]
+    tail += ["Exception ignored in: <finalize object at 0x7ff8; dead>", "Traceback (most recent call last):",
+             '  File "/usr/lib/python3.11/weakref.py", line 590, in __call__',
+             "TypeError: 'NoneType' object is not callable"] * 3
+    lines = train_speed.failure_lines(tail)
+    assert lines[-1].startswith("FileNotFoundError") and not any("NoneType" in l or "__BENCH" in l for l in lines)
