@@ -22,14 +22,41 @@ def parse_args(argv=None):
                    help="Folder holding the per-session workspaces (uploads and runs).")
     p.add_argument("--max-idle-hours", type=float, default=6.0,
                    help="Delete the uploads of sessions idle longer than this (finished runs are kept).")
+    from ui.allowlist import DEFAULT_BASE_MODELS, DEFAULT_CAPTION_MODELS, Policy
+
+    d = Policy()
+    p.add_argument("--base-models", default=os.environ.get("LORA_STUDIO_BASE_MODELS", ",".join(DEFAULT_BASE_MODELS)),
+                   help="Comma list of the base models visitors may pick (Hub ids, tiny-sdxl / tiny-sd, or local "
+                        "folders the operator trusts).")
+    p.add_argument("--caption-models",
+                   default=os.environ.get("LORA_STUDIO_CAPTION_MODELS", ",".join(DEFAULT_CAPTION_MODELS)),
+                   help="Comma list of the captioning models visitors may pick (tiny-blip is the offline demo).")
+    p.add_argument("--max-steps", type=int, default=d.max_train_steps,
+                   help="Most optimizer steps one visitor's run may train.")
+    p.add_argument("--max-resolution", type=int, default=d.max_resolution,
+                   help="Highest training resolution (pixels) a visitor may ask for.")
     return p.parse_args(argv)
+
+
+def policy_of(args):
+    """The operator's choices for visitors (ui/allowlist.py Policy) from the flags."""
+    from ui.allowlist import Policy
+
+    def names(text: str) -> tuple[str, ...]:
+        out = tuple(n.strip() for n in text.split(",") if n.strip())
+        if not out:
+            raise SystemExit("error: a model list flag is empty: give at least one model id")
+        return out
+
+    return Policy(base_models=names(args.base_models), caption_models=names(args.caption_models),
+                  max_train_steps=args.max_steps, max_resolution=args.max_resolution)
 
 
 def main(argv=None):
     args = parse_args(argv)
     from ui import build_app
 
-    demo, launch_kwargs = build_app(root=args.root, max_idle_s=args.max_idle_hours * 3600)
+    demo, launch_kwargs = build_app(root=args.root, max_idle_s=args.max_idle_hours * 3600, policy=policy_of(args))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs)
 
 

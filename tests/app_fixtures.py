@@ -51,16 +51,25 @@ class AppServer:
             return ""
 
 
-def start_app(tmp_root: str, step_delay: float = 0.15, timeout: float = 120) -> AppServer:
+def start_app(tmp_root: str, step_delay: float = 0.15, timeout: float = 120, env: dict | None = None,
+              args: tuple = ()) -> AppServer:
+    """``python app.py`` (with a per-step delay) on a free port; ``env`` entries are added (None removes one),
+    ``args`` are extra app flags."""
     port = free_port()
-    env = dict(os.environ, **OFFLINE_ENV, LORA_STUDIO_CACHE=shared_cache_dir(),
-               TEST_STEP_DELAY=str(step_delay), PYTHONUNBUFFERED="1")
+    extra = env or {}
+    env = dict(os.environ, **OFFLINE_ENV, LORA_STUDIO_CACHE=shared_cache_dir(), TEST_STEP_DELAY=str(step_delay),
+               PYTHONUNBUFFERED="1")
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     env.pop("GRADIO_SERVER_NAME", None)
     env.pop("GRADIO_SERVER_PORT", None)
     log_path = os.path.join(tmp_root, "app.log")
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", "app_with_step_delay.py"), "--port", str(port), "--root",
-                             os.path.join(tmp_root, "outputs")], cwd=REPO, env=env, stdout=log,
+                             os.path.join(tmp_root, "outputs"), *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     server = AppServer(url, os.path.join(tmp_root, "outputs"), proc, log_path)

@@ -10,11 +10,10 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from .allowlist import Policy
 from .jobs import JobManager
 from .sessions import SessionFileGuard, Workspaces, valid_session_id
 
-TINY_DEFAULT = "tiny-sdxl"
-SDXL_DEFAULT = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def has_cuda() -> bool:
@@ -57,6 +56,7 @@ class AppContext:
     jobs: JobManager
     engine: EngineHolder
     cuda: bool = False
+    policy: Policy = field(default_factory=Policy)  # what visitors may choose (ui/allowlist.py)
     ws_state: Any = None  # gr.State holding the workspace id of this browser session
     components: dict = field(default_factory=dict)
 
@@ -88,15 +88,16 @@ footer {display: none !important;}
 """
 
 
-def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every_s: float = 600):
-    """Returns ``(demo, launch_kwargs)``."""
+def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every_s: float = 600,
+              policy: Optional[Policy] = None):
+    """Returns ``(demo, launch_kwargs)``; ``policy`` holds the operator's choices for visitors."""
     from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
     from .theme import make_theme
 
     workspaces = Workspaces(root, max_idle_s=max_idle_s)
     engine = EngineHolder()
     jobs = JobManager(before_train=[_release_captioners, engine.release])
-    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda())
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy or Policy())
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
 
     with gr.Blocks(title="LoRA studio") as demo:
@@ -113,9 +114,8 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
                 "TOK", label="Trigger word", info="Put it in your prompts to call up what was learnt.",
                 elem_id="ls-trigger", scale=1)
         ctx.components["base_model"] = gr.Dropdown(
-            [SDXL_DEFAULT, "stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny-sdxl", "tiny-sd"],
-            value=SDXL_DEFAULT if ctx.cuda else TINY_DEFAULT, allow_custom_value=True, label="Base model",
-            info="A Hub id or a local diffusers folder; tiny-sdxl / tiny-sd are offline demo models.",
+            list(ctx.policy.base_models), value=ctx.policy.default_base_model(ctx.cuda), label="Base model",
+            info="The models this app offers; tiny-sdxl / tiny-sd are offline demo models.",
             elem_id="ls-base-model", render=False, scale=3)
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset"):

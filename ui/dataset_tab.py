@@ -13,6 +13,8 @@ from trainer import (ImageProblem, Record, bucket_histogram, check_dataset, coll
                      read_metadata_jsonl, write_metadata_jsonl)
 from uploads import safe_extract_zip, safe_filename
 
+from .allowlist import VisitorError, check_base_model, check_caption_model
+
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
 PROBLEMS_FILE = ".upload_problems.json"
 TABLE_HEADERS = ["file", "caption"]
@@ -231,8 +233,8 @@ def build(ctx) -> dict:
             gallery = gr.Gallery(label="Your images", columns=6, height=260, object_fit="cover",
                                  elem_id="ls-gallery", allow_preview=True)
     with gr.Row():
-        cap_model = gr.Textbox(DEFAULT_CAPTION_MODEL, label="Captioning model",
-                               info="Any Hub or local image-to-text model id. Offline demo: tiny-blip.",
+        cap_model = gr.Textbox(ctx.policy.caption_models[0], label="Captioning model",
+                               info="One of this app's captioning models: " + ", ".join(ctx.policy.caption_models) + ".",
                                elem_id="ls-caption-model", scale=3)
         overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1)
         caption_btn = gr.Button("Auto-caption", variant="primary", elem_id="ls-autocaption", scale=1)
@@ -285,6 +287,10 @@ def build(ctx) -> dict:
         from captioning import caption as run_caption
         from captioning.base import CaptionerLoadError
 
+        try:
+            model = check_caption_model(model or DEFAULT_CAPTION_MODEL, ctx.policy)
+        except VisitorError as e:
+            raise gr.Error(str(e))
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
         recs = read_records(folder)
         todo = [r for r in recs if overwrite_v or not (r.caption or "").strip()]
@@ -295,7 +301,7 @@ def build(ctx) -> dict:
         cap_concept, tmpl = caption_template(concept_v)
         progress(0, desc="Loading the captioning model...")
         try:
-            caps = run_caption([r.path for r in todo], model=(model or DEFAULT_CAPTION_MODEL).strip(),
+            caps = run_caption([r.path for r in todo], model=model,
                                concept=cap_concept, trigger=(trigger_v or "TOK").strip(), template=tmpl,
                                on_progress=lambda d, t: progress((d, t), desc="Captioning", unit="images"))
         except CaptionerLoadError as e:
@@ -322,6 +328,10 @@ def build(ctx) -> dict:
 
     def on_check(base_model, trigger, ws_id, request: gr.Request):
         trigger_v = trigger
+        try:
+            base_model = check_base_model(base_model, ctx.policy)
+        except VisitorError as e:
+            raise gr.Error(str(e))
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
         recs = read_records(folder)
         res = resolution_for(base_model)

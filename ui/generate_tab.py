@@ -10,6 +10,7 @@ from generation import SCHEDULERS, GenerateRequest, InferenceInputError, request
 from uploads import safe_filename
 
 from . import jobs as J
+from .allowlist import VisitorError, check_base_model
 
 UPLOADED = "(uploaded LoRA files)"
 
@@ -38,8 +39,8 @@ def build(ctx) -> dict:
             lora_file = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], type="filepath", height=90)
             emb_file = gr.File(label="Embeddings _emb.safetensors (optional)", file_types=[".safetensors"],
                                type="filepath", height=90)
-            up_base = gr.Textbox("tiny-sdxl" if not ctx.cuda else "stabilityai/stable-diffusion-xl-base-1.0",
-                                 label="Base model of the uploaded LoRA")
+            up_base = gr.Dropdown(list(ctx.policy.base_models), value=ctx.policy.default_base_model(ctx.cuda),
+                                  label="Base model of the uploaded LoRA")
     prompt = gr.Textbox("a photo of TOK", label="Prompt", info="TOK is replaced by the learnt tokens.",
                         elem_id="ls-prompt", lines=2)
     negative = gr.Textbox("", label="Negative prompt", lines=1)
@@ -89,6 +90,7 @@ def build(ctx) -> dict:
                     raise gr.Error("That run is still training; wait for it to finish.")
                 req = request_from_run(run_dir, **common)
             elif lora_v:
+                base = check_base_model(up_base_v, ctx.policy)
                 # Keep the uploaded names: the engine refuses anything but .safetensors by name (a .ckpt renamed
                 # here would hide that), and its messages then name the user's own file.
                 folder = os.path.join(ctx.workspaces.session_dir(sid), "uploads", ".lora")
@@ -100,13 +102,13 @@ def build(ctx) -> dict:
                 if emb_v:
                     ep = os.path.join(folder, "emb", safe_filename(os.path.basename(_path_of(emb_v))))
                     shutil.copyfile(_path_of(emb_v), ep)
-                req = GenerateRequest(base_model=(up_base_v or "").strip(), lora_path=lp, embeddings_path=ep, **common)
+                req = GenerateRequest(base_model=base, lora_path=lp, embeddings_path=ep, **common)
             else:
                 raise gr.Error("Pick a trained run, or upload a LoRA .safetensors file.")
             progress(0, desc="Loading the model...")
             res = ctx.engine.get().generate(req, on_progress=lambda s, t: progress((s, t), desc="Denoising",
                                                                                     unit="steps"))
-        except InferenceInputError as e:
+        except (InferenceInputError, VisitorError) as e:
             raise gr.Error(str(e))
         items = [(img, f"seed {s} · {sched_v} · {int(steps_v)} steps · cfg {guid_v} · scale {scale_v}")
                  for img, s in zip(res.images, res.seeds)]

@@ -14,12 +14,10 @@ import pandas as pd
 from trainer import ConfigError, TrainConfig, coerce_field, field_type, load_preset, preset_info, replace_word
 
 from . import jobs as J
+from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
 from .dataset_tab import read_records, save_records
 from .sessions import safe_run_name
 
-# Set by the app itself (or shown elsewhere on the page), so not repeated in Advanced.
-APP_SET = {"output_dir", "hub_token", "instance_data_dir"}
-SHOWN_ABOVE = {"pretrained_model_name_or_path", "token_abstraction", "concept", "preset"}
 GROUP_TITLES = {"model": "Model", "data": "Data", "prior": "Prior preservation", "text": "Pivotal tuning / text",
                 "lora": "LoRA", "optim": "Optimizer", "schedule": "Schedule & precision",
                 "output": "Output, checkpoints, samples", "general": "General"}
@@ -27,7 +25,8 @@ CONCEPTS = ["face", "style", "object", "custom"]
 
 
 def adv_fields():
-    return [f for f in fields(TrainConfig) if f.name not in APP_SET | SHOWN_ABOVE]
+    """The Advanced form: the visitor-settable fields of ``ui/allowlist.py``, in TrainConfig order."""
+    return [f for f in fields(TrainConfig) if f.name in VISITOR_FIELDS]
 
 
 ADV = adv_fields()
@@ -297,6 +296,10 @@ def build(ctx) -> dict:
         save_records(folder, recs)
         trig = (trigger_v or "TOK").strip()
         values = {n: from_ui(n, v) for n, v in zip(ADV_NAMES, vals)}
+        try:
+            check_request({**values, "pretrained_model_name_or_path": base_v}, ctx.policy)
+        except VisitorError as e:
+            return [f"**Error:** {e}"] + view_outputs(sid)
         if trig != "TOK":
             for k in ("instance_prompt", "validation_prompt", "class_prompt"):
                 if isinstance(values.get(k), str):
@@ -308,11 +311,17 @@ def build(ctx) -> dict:
             n += 1
         values.update(pretrained_model_name_or_path=(base_v or "").strip(), token_abstraction=trig,
                       concept=concept_v, preset=concept_v, instance_data_dir=folder, output_dir=run_dir,
-                      resume_from_checkpoint=None)
+                      resume_from_checkpoint=None,
+                      class_data_dir=os.path.join(run_dir, "class_images") if values.get("with_prior_preservation")
+                      else None)
         try:
             cfg = TrainConfig.from_sources(**values)
         except ConfigError as e:
             return [format_config_error(e)] + view_outputs(sid)
+        try:
+            check_total_steps(cfg, len(recs), ctx.policy)
+        except VisitorError as e:
+            return [f"**Error:** {e}"] + view_outputs(sid)
         try:
             job = ctx.jobs.submit(sid, cfg)
         except RuntimeError as e:

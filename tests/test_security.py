@@ -1,0 +1,169 @@
+"""Issue 11: the app tried as an attacker would, against a real ``python app.py`` (gradio_client and raw HTTP).
+
+The server runs with its own ``HF_TOKEN`` and ``HF_ENDPOINT`` pointing at a fake Hub on 127.0.0.1 that records
+every request: a visitor's action must never reach it with the server's token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from gradio_client import Client, handle_file
+
+from app_fixtures import call, make_images, start_app, stop_app
+from ui.allowlist import APP_FIELDS, OPERATOR_FIELDS, VISITOR_FIELDS
+
+SERVER_TOKEN = "hf_server_owner_secret_0123456789"
+VISITOR_TOKEN = "hf_visitor_typed_token_987654"
+MAX_STEPS = 60
+
+
+class FakeHub:
+    """A Hub stand-in that records (method, path, Authorization) of every request and answers 401."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                hub.requests.append((self.command, self.path, self.headers.get("Authorization", "")))
+                body = b'{"error": "Invalid credentials"}'
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hub():
+    h = FakeHub()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, hub):
+    env = {"HF_TOKEN": SERVER_TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}
+    server = start_app(str(tmp_path_factory.mktemp("security_app")), step_delay=0.0, env=env,
+                       args=("--max-steps", str(MAX_STEPS)))
+    yield server
+    stop_app(server)
+
+
+def api_params(client, name):
+    return [p["parameter_name"] for p in
+            client.view_api(print_info=False, return_format="dict")["named_endpoints"][name]["parameters"]]
+
+
+def status(client) -> dict:
+    return client.predict(api_name="/training_status")
+
+
+def wait_for(client, pred, timeout=180, what="condition"):
+    end, last = time.time() + timeout, None
+    while time.time() < end:
+        last = status(client)
+        if pred(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last status: {last}")
+
+
+def server_token_seen(hub) -> list:
+    return [r for r in hub.requests if SERVER_TOKEN in r[2]]
+
+
+# ----- 1. the allowlist -------------------------------------------------------------------------------------
+def test_start_training_takes_only_the_visitor_fields(app):
+    c = Client(app.url, verbose=False)
+    params = api_params(c, "/start_training")
+    assert params[:4] == ["run_name", "concept", "trigger", "base_model"]
+    assert set(params[4:]) == set(VISITOR_FIELDS)
+    for name in OPERATOR_FIELDS + tuple(n for n in APP_FIELDS if n != "pretrained_model_name_or_path"):
+        with pytest.raises(TypeError, match=name):
+            call(c, "/start_training", run_name="x", concept="face", trigger="TOK", base_model="tiny-sdxl",
+                 **{name: True})
+
+
+def test_models_outside_the_operators_lists_are_refused(app, tmp_path):
+    c = Client(app.url, verbose=False)
+    for bad in ("/etc", ".", "../..", "some/other-model"):
+        with pytest.raises(Exception, match="not in the list of choices"):
+            call(c, "/start_training", run_name="x", concept="face", trigger="TOK", base_model=bad)
+    c.predict([handle_file(p) for p in make_images(str(tmp_path / "i"), 1)], api_name="/upload_images")
+    with pytest.raises(Exception) as ei:
+        c.predict(model=".", concept="face", trigger="TOK", overwrite=True, api_name="/auto_caption")
+    msg = str(ei.value)
+    assert "not offered" in msg and os.getcwd() not in msg and "tiny-blip" in msg, msg
+    assert status(c)["state"] == "none"
+
+
+def test_steps_over_the_operators_limit_are_refused(app, tmp_path):
+    c = Client(app.url, verbose=False)
+    c.predict([handle_file(p) for p in make_images(str(tmp_path / "i"), 2)], api_name="/upload_images")
+    out = call(c, "/start_training", run_name="big", concept="face", trigger="TOK", base_model="tiny-sdxl",
+               max_train_steps=MAX_STEPS + 1)
+    assert "limit of 60" in out[0], out[0]
+    out = call(c, "/start_training", run_name="big", concept="face", trigger="TOK", base_model="tiny-sdxl",
+               max_train_steps=None, steps_per_image=MAX_STEPS)  # 120 steps asked for another way
+    assert "120 steps" in out[0] and "limit" in out[0], out[0]
+    assert status(c)["state"] == "none"
+
+
+def test_extra_raw_values_set_nothing_and_the_server_token_is_never_spent(app, hub, tmp_path):
+    """A raw POST carrying Hub-push settings after the form's values: the run trains with the app's own
+    (no push, no tracker, paths inside the run folder) and the fake Hub sees no request at all; Publish
+    without a typed token is refused; with one, only that token reaches the Hub."""
+    c = Client(app.url, verbose=False)
+    c.predict([handle_file(p) for p in make_images(str(tmp_path / "i"), 3)], api_name="/upload_images")
+    params = api_params(c, "/start_training")
+    given = {"run_name": "raw", "concept": "object", "trigger": "TOK", "base_model": "tiny-sdxl",
+             "max_train_steps": 2, "checkpointing_steps": 1000, "validation_steps": 1000,
+             "num_validation_images": 1, "validation_inference_steps": 2}
+    from ui.train_tab import preset_ui_values
+
+    defaults = preset_ui_values("object")
+    data = [given.get(n, defaults.get(n)) for n in params]
+    data += [{"push_to_hub": True, "hub_model_id": "owner/their-model", "report_to": "wandb",
+              "logging_dir": "/tmp/escape", "output_dir": "/tmp/escape"}, True, "owner/their-model"]
+    body = json.dumps({"data": data, "session_hash": c.session_hash}).encode()
+    req = urllib.request.Request(app.url + "/gradio_api/call/start_training", data=body,
+                                 headers={"Content-Type": "application/json"})
+    event = json.load(urllib.request.urlopen(req, timeout=30))["event_id"]
+    text = urllib.request.urlopen(f"{app.url}/gradio_api/call/start_training/{event}", timeout=60).read().decode()
+    assert "submitted" in text, text[:500]
+    run_dir = os.path.join(app.root, "sessions", c.session_hash, "runs", "raw")
+    s = wait_for(c, lambda s: s["state"] in ("finished", "failed"), what="finish")
+    assert s["state"] == "finished", s
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert cfg["push_to_hub"] is False and cfg["hub_model_id"] is None and cfg["report_to"] == "none"
+    assert os.path.realpath(cfg["output_dir"]) == os.path.realpath(run_dir) and cfg["logging_dir"] == "logs"
+    assert not os.path.exists("/tmp/escape")
+    assert hub.requests == [], hub.requests  # the run itself never talked to the Hub
+
+    res = c.predict(run="raw", token="", repo="owner/their-model", private=True, api_name="/push_to_hub")
+    assert "token" in res and "Error" in res and hub.requests == []
+    res = c.predict(run="raw", token=VISITOR_TOKEN, repo="me/mine", private=True, api_name="/push_to_hub")
+    assert "rejected the token" in res and VISITOR_TOKEN not in res, res
+    assert hub.requests and not server_token_seen(hub)
+    assert all(r[2] == f"Bearer {VISITOR_TOKEN}" for r in hub.requests), hub.requests
