@@ -60,9 +60,15 @@ def restore(t, path: str) -> int:
     if t.pivotal:
         t.pivotal.load_state_dict(tensors["embeddings"], t.family.embedding_keys)
     step = int(data["state"]["step"])
-    if t.text_trainable and not t.text_should_train(step):
-        t.freeze_text()  # before loading the optimizer state, which was saved without the text group
+    # The pivot freezes the text group at the top of the step after it, so a checkpoint at the pivot step (or at
+    # te_stop_step) still holds that group: freeze before loading only when the saved text group is empty, and
+    # after loading (which drops its state) when the checkpoint still has it but its step is past the boundary.
+    saved_text = sum(len(g["params"]) for g in data["optimizer"]["param_groups"] if g.get("name") == "text")
+    if t.text_trainable and not saved_text:
+        t.freeze_text()
     t.optimizer.load_state_dict(data["optimizer"])
+    if t.text_trainable and not t.text_should_train(step):
+        t.freeze_text()
     t.scheduler.load_state_dict(data["scheduler"])
     t.noise_gen.set_state(data["rng"]["gen_noise"])
     ckpt.restore_global_rng(data["rng"], data["state"])

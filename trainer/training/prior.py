@@ -20,8 +20,9 @@ def count_class_images(folder: str) -> int:
 
 @torch.no_grad()
 def generate_class_images(family, components, *, folder: str, prompt: str, wanted: int, resolution: int,
-                          batch_size: int, seed: int, on_progress=None, steps: int = 25) -> int:
-    """Generates the missing class images; returns how many were written."""
+                          batch_size: int, seed: int, on_progress=None, steps: int = 25, autocast=None) -> int:
+    """Generates the missing class images; returns how many were written. ``autocast`` (accelerate's) lets a
+    bf16/fp16 UNet feed the fp32 VAE."""
     os.makedirs(folder, exist_ok=True)
     have = count_class_images(folder)
     missing = max(0, wanted - have)
@@ -34,7 +35,7 @@ def generate_class_images(family, components, *, folder: str, prompt: str, wante
     while done < missing:
         n = min(batch_size, missing - done)
         images = render(pipe, prompt, steps=steps, guidance=None, width=resolution,
-                        height=resolution, generator=gen, num_images=n)
+                        height=resolution, generator=gen, num_images=n, autocast=autocast)
         for img in images:
             digest = hashlib.sha1(img.tobytes()).hexdigest()[:12]
             tmp = os.path.join(folder, f".class-{have + done:05d}-{digest}.png.tmp")

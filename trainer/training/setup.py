@@ -94,7 +94,7 @@ def prepare_class_images(cfg: TrainConfig, family, comps, accelerator, resolutio
         status("class_images", f"checking {cfg.num_class_images} class images", 0, cfg.num_class_images)
         n = generate_class_images(
             family, comps, folder=cfg.class_data_dir, prompt=cfg.class_prompt, wanted=cfg.num_class_images,
-            resolution=resolution, batch_size=cfg.sample_batch_size, seed=seed,
+            resolution=resolution, batch_size=cfg.sample_batch_size, seed=seed, autocast=accelerator.autocast,
             on_progress=lambda d, t: status("class_images", f"generated {d}/{t} class images", d, t))
         if n:
             notes.append(f"generated {n} class images in {cfg.class_data_dir}")

@@ -27,18 +27,33 @@ def forward_loss(mb: MicroBatch, *, family, comps, unet_forward, encode_text: Ca
                           prior_loss_weight=cfg.prior_loss_weight)
 
 
+def backward(loss: torch.Tensor, scaler=None) -> None:
+    """The backward of one micro-batch's loss; with fp16 through the GradScaler (accelerate's ``scaler``), so
+    gradients below fp16's range (~6e-8) are scaled up instead of flushed to zero."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def apply_gradients(params: list[torch.nn.Parameter], *, optimizer, scheduler, accelerator, world: int,
-                    max_grad_norm: float, fault_hook: Optional[Callable[[str], None]], step: int) -> None:
-    """Averages gradients over ``world`` ranks, clips them, steps the optimizer and the scheduler."""
+                    max_grad_norm: float, fault_hook: Optional[Callable[[str], None]], step: int,
+                    scaler=None) -> None:
+    """Averages gradients over ``world`` ranks, clips them, steps the optimizer and the scheduler. With a
+    GradScaler the (identical, averaged) gradients are unscaled before clipping, and a step whose gradients
+    overflowed is skipped by the scaler, which then lowers its scale."""
     if world > 1:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad = accelerator.reduce(p.grad, reduction="mean")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if fault_hook:
         fault_hook(f"before-optimizer-step:{step}")
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from .batches import Batches
 from .caches import LatentCache, TextEncoding
 from .errors import NONFINITE_ADVICE, RunResult, TrainingError, describe_failure
 from .optim import build_optimizer, build_scheduler, drop_group_params, effective_lr
-from .step import apply_gradients, forward_loss
+from .step import apply_gradients, backward, forward_loss
 
 
 class Trainer:
@@ -71,6 +71,7 @@ class Trainer:
         """Creates the accelerator and event log (``run()`` does this; tests call it before ``setup()``)."""
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = setup.make_accelerator(self.cfg, self.run_dir)
+        self.scaler = self.accelerator.scaler  # fp16 on a GPU: accelerate's GradScaler; None otherwise
         self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event,
                             enabled=self.accelerator.is_main_process)
         return self
@@ -160,6 +161,7 @@ class Trainer:
             for te in self.comps.text_encoders:
                 for p in te.parameters():
                     p.requires_grad_(False)
+                te.eval()
         drop_group_params(self.optimizer, "text")
         self.text_trainable = False
         n = self.text.freeze(self.batches.fixed_captions(), self.OFFLOAD_TEXT_ENCODERS_FROM)
@@ -184,6 +186,10 @@ class Trainer:
         device = acc.device
         accum = cfg.gradient_accumulation_steps
         self.comps.unet.train()
+        if self.te_lora and self.text_trainable:
+            # transformers checkpoints and peft applies LoRA dropout only in training mode
+            for te in self.comps.text_encoders:
+                te.train()
         loss_acc = torch.zeros((), device=device)  # summed on the device; read every log_every steps
         acc_steps = 0  # steps in loss_acc: fewer than log_every after a resume and at the last step
         last_loss = None
@@ -196,11 +202,12 @@ class Trainer:
             params = self.trainable()
             for micro in range(accum):
                 epoch, loss = self.forward_loss(step * accum + micro, device)
-                (loss / accum).backward()
+                backward(loss / accum, self.scaler)
                 loss_acc += loss.detach() / accum
             acc_steps += 1
             apply_gradients(params, optimizer=self.optimizer, scheduler=self.scheduler, accelerator=acc,
-                            world=self.world, max_grad_norm=cfg.max_grad_norm, fault_hook=self.fault_hook, step=step)
+                            world=self.world, max_grad_norm=cfg.max_grad_norm, fault_hook=self.fault_hook, step=step,
+                            scaler=self.scaler)
             step += 1
             self.step = step
             steps_done += 1

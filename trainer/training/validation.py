@@ -14,8 +14,10 @@ def render_samples(family, components, *, prompt: str, num_images: int, steps: i
     """Renders ``num_images`` images of ``prompt`` (placeholders already replaced) and returns their paths."""
     pipe = family.build_pipeline(components)
     pipe.set_progress_bar_config(disable=True)
-    was_training = components.unet.training
-    components.unet.eval()
+    modules = [components.unet, *components.text_encoders]  # samples without dropout: every module in eval
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     try:
@@ -27,6 +29,6 @@ def render_samples(family, components, *, prompt: str, num_images: int, steps: i
             image.save(path)
             paths.append(path)
     finally:
-        if was_training:
-            components.unet.train()
+        for m, training in zip(modules, was_training):
+            m.train(training)
     return paths
