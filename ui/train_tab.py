@@ -11,14 +11,15 @@ from enum import Enum
 import gradio as gr
 import pandas as pd
 
-from trainer import ConfigError, TrainConfig, coerce_field, field_type, load_preset, preset_info, replace_word
+from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
+                     replace_word)
 
 from . import jobs as J
 from .dataset_tab import read_records, save_records
 from .sessions import safe_run_name
 
 # Set by the app itself (or shown elsewhere on the page), so not repeated in Advanced.
-APP_SET = {"output_dir", "hub_token", "instance_data_dir"}
+APP_SET = {"output_dir", "hub_token", "instance_data_dir", "latent_cache_dir"}  # server paths: the app sets them
 SHOWN_ABOVE = {"pretrained_model_name_or_path", "token_abstraction", "concept", "preset"}
 GROUP_TITLES = {"model": "Model", "data": "Data", "prior": "Prior preservation", "text": "Pivotal tuning / text",
                 "lora": "LoRA", "optim": "Optimizer", "schedule": "Schedule & precision",
@@ -158,6 +159,8 @@ def summarize(view: dict) -> dict:
             log.append(f"[started] {e.get('num_images')} images, {e.get('total_steps')} steps"
                        + (f", resuming at step {e.get('start_step')}" if e.get("start_step") else "")
                        + "".join(f"\n  note: {n}" for n in e.get("notes", [])))
+        elif t == "first_step":
+            log.append(f"[first step] {describe_first_step(e)}")
         elif t == "checkpoint":
             log.append(f"[checkpoint] step {e.get('step')}")
         elif t == "sample":
