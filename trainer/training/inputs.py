@@ -91,8 +91,8 @@ class RunInputs:
             model.requires_grad_(False)
         if trainer.cfg.gradient_checkpointing:  # setup.trainable_groups turned it on
             comps.unet.disable_gradient_checkpointing()
-            for te in comps.text_encoders:
-                te.gradient_checkpointing_disable()
+            for te in comps.text_encoders:  # transformers 5 names it activation checkpointing
+                getattr(te, "activation_checkpointing_disable", te.gradient_checkpointing_disable)()
         comps.unet.eval()
         text = getattr(trainer, "text", None)
         if text is not None and text.offloaded:
