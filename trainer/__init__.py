@@ -25,6 +25,7 @@ _EXPORTS = {
     "coerce_field": "config", "load_preset": "config", "preset_info": "config", "available_presets": "config",
     "Event": "events", "Started": "events", "Status": "events", "Step": "events", "Sample": "events",
     "Checkpoint": "events", "Finished": "events", "Failed": "events", "read_events": "events",
+    "FirstStep": "events", "describe_first_step": "events",
     "check_dataset": "data.checks", "bucket_histogram": "data.buckets", "load_image": "data.images",
     "ImageProblem": "data.images", "is_image_name": "data.images", "Record": "data.problems",
     "IngestProblem": "data.problems", "collect_folder": "data.folders", "read_metadata_jsonl": "data.folders",

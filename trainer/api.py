@@ -1,16 +1,20 @@
 """The public entry point: ``train(config, on_event=None, stop=None) -> RunResult``.
 
 With ``auto_fit`` the preflight measures a few steps first (through the Trainer itself) and returns a plan; the
-run then trains with the plan's settings. Only this module knows both the preflight and the Trainer.
+run then trains with the plan's settings. Only this module knows both the preflight and the Trainer. Both use one
+``RunInputs``: the model is loaded once and each image decoded once per call, and the seconds to the first step
+(load, checks, caches, preflight) are counted there.
 """
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Optional
 
 from .config import TrainConfig
 from .training.errors import RunResult, TrainingError
+from .training.inputs import RunInputs
 from .training.trainer import Trainer
 
 
@@ -20,10 +24,15 @@ def train(config: TrainConfig, on_event=None, stop: Optional[threading.Event] = 
     ``<output_dir>/events.jsonl``; checks ``stop`` after every step (a stop saves a checkpoint and the current
     LoRA). Raises TrainingError (after a ``failed`` event) when the run cannot go on."""
     notes = []
+    inputs = RunInputs()
     if config.auto_fit:
         from .preflight import preflight
 
-        plan = preflight(config, on_event=on_event, stop=stop)
+        t0, before = time.time(), sum(inputs.seconds.values())
+        try:
+            plan = preflight(config, on_event=on_event, stop=stop, inputs=inputs)
+        finally:  # the preflight's own share: its wall time less the loading/reading/caching it did for the run
+            inputs.seconds["preflight"] += max(0.0, time.time() - t0 - (sum(inputs.seconds.values()) - before))
         if stop is not None and stop.is_set():  # stopped during the measurement: nothing was trained
             return RunResult(run_dir=os.path.abspath(config.output_dir), step=0, total_steps=plan.total_steps,
                              stopped=True)
@@ -31,4 +40,4 @@ def train(config: TrainConfig, on_event=None, stop: Optional[threading.Event] = 
             raise TrainingError("the run does not fit in memory", plan.message)
         config = plan.config.replace(auto_fit=False)
         notes.append(f"auto-fit: {plan.message}")
-    return Trainer(config, on_event=on_event, stop=stop, fault_hook=fault_hook, notes=notes).run()
+    return Trainer(config, on_event=on_event, stop=stop, fault_hook=fault_hook, notes=notes, inputs=inputs).run()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .events import Event
+from .events import Event, describe_first_step
 
 
 class CliProgress:
@@ -34,6 +34,8 @@ class CliProgress:
         elif t == "status":
             msg = f"[{ev.phase}] {ev.message}"
             (self.bar.write(msg) if self.bar is not None else print(msg, file=self.stream))
+        elif t == "first_step":
+            self._write(describe_first_step(ev))
         elif t == "checkpoint":
             self._write(f"checkpoint saved: {ev.path}")
         elif t == "sample":

@@ -11,7 +11,8 @@ from enum import Enum
 import gradio as gr
 import pandas as pd
 
-from trainer import ConfigError, TrainConfig, coerce_field, field_type, load_preset, preset_info, replace_word
+from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
+                     replace_word)
 
 from . import jobs as J
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
@@ -157,6 +158,8 @@ def summarize(view: dict) -> dict:
             log.append(f"[started] {e.get('num_images')} images, {e.get('total_steps')} steps"
                        + (f", resuming at step {e.get('start_step')}" if e.get("start_step") else "")
                        + "".join(f"\n  note: {n}" for n in e.get("notes", [])))
+        elif t == "first_step":
+            log.append(f"[first step] {describe_first_step(e)}")
         elif t == "checkpoint":
             log.append(f"[checkpoint] step {e.get('step')}")
         elif t == "sample":

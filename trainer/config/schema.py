@@ -67,6 +67,9 @@ class TrainConfig:
     shuffle_tags: bool = opt(False, "Shuffle comma-separated tags of each caption.", group="data")
     keep_tokens: int = opt(0, "Number of leading tags kept in place when shuffling.", min=0, max=100, group="data")
     cache_latents: bool = opt(True, "Encode each image (and flip) once and keep the latents.", group="data")
+    latent_cache_dir: Optional[str] = opt(
+        None, "Folder of the on-disk latent cache, keyed by image content, bucket, flip and VAE (a second run on "
+        "the same images skips the VAE); default: .latent_cache inside the dataset folder.", group="data")
     cache_text_embeddings: bool = opt(
         True, "Cache prompt embeddings once no text parameter trains (after the pivot).", group="data")
     image_interpolation_mode: str = opt("lanczos", "Resize filter.",

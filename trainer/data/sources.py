@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from PIL import Image, ImageOps
 
@@ -27,6 +27,7 @@ class TrainItem:
     path: Optional[str] = None     # image file, or None for in-memory (Hub) images
     image: Optional[Image.Image] = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    content: Optional[str] = None  # sha256 of the decoded pixels (set when the item was read with facts)
 
     def load(self) -> Image.Image:
         if self.image is not None:
@@ -34,7 +35,11 @@ class TrainItem:
         return load_image(self.path).image
 
 
-def _from_records(records, instance_prompt: str, problems: list) -> list[TrainItem]:
+#: ``on_image(item, image)``: called once per usable image with the image decoded for it (the only decode).
+OnImage = Optional[Callable[[TrainItem, Image.Image], None]]
+
+
+def _from_records(records, instance_prompt: str, problems: list, on_image: OnImage = None) -> list[TrainItem]:
     items = []
     for rec in records:
         try:
@@ -47,10 +52,13 @@ def _from_records(records, instance_prompt: str, problems: list) -> list[TrainIt
         items.append(TrainItem(index=len(items), name=rec.source_name or os.path.basename(rec.path),
                                caption=caption.strip(), size=loaded.original_size, path=rec.path,
                                notes=loaded.notes))
+        if on_image is not None:
+            on_image(items[-1], loaded.image)
+        loaded.image.close()  # nothing keeps the pixels: memory stays flat as the dataset grows
     return items
 
 
-def _from_hub(cfg, problems: list) -> list[TrainItem]:
+def _from_hub(cfg, problems: list, on_image: OnImage = None) -> list[TrainItem]:
     try:
         from datasets import load_dataset
 
@@ -76,25 +84,51 @@ def _from_hub(cfg, problems: list) -> list[TrainItem]:
         caption = caption if isinstance(caption, str) and caption.strip() else cfg.instance_prompt
         items.append(TrainItem(index=len(items), name=f"row {i}", caption=caption.strip(), size=img.size,
                                image=img))
+        if on_image is not None:
+            on_image(items[-1], img)
     return items
 
 
-def load_items(cfg) -> tuple[list[TrainItem], list[IngestProblem]]:
-    """The training images of a config, with one problem per file that could not be used."""
-    problems: list[IngestProblem] = []
-    folder = cfg.instance_data_dir or (cfg.dataset_name if cfg.dataset_name and os.path.isdir(cfg.dataset_name)
-                                       else None)
-    if folder:
-        image_column = "file_name" if cfg.image_column in ("image", None) else cfg.image_column
-        records, problems = collect_dataset(folder, caption_column=cfg.caption_column or "text",
-                                            image_column=image_column)
-        items = _from_records(records, cfg.instance_prompt, problems)
+def dataset_folder(cfg) -> Optional[str]:
+    """The local folder of the training images, or None for a Hub dataset."""
+    return cfg.instance_data_dir or (cfg.dataset_name if cfg.dataset_name and os.path.isdir(cfg.dataset_name)
+                                     else None)
+
+
+def collect_records(cfg) -> Optional[tuple[list, list[IngestProblem]]]:
+    """The image records of a local dataset (listing and captions only, nothing decoded), or None for a Hub
+    dataset. Raises DatasetError when the folder holds no image at all (before any model is loaded)."""
+    folder = dataset_folder(cfg)
+    if not folder:
+        return None
+    image_column = "file_name" if cfg.image_column in ("image", None) else cfg.image_column
+    records, problems = collect_dataset(folder, caption_column=cfg.caption_column or "text",
+                                        image_column=image_column)
+    if not records:
+        _no_items(problems)
+    return records, problems
+
+
+def _no_items(problems: list) -> None:
+    detail = "; ".join(str(p) for p in problems[:5])
+    raise DatasetError(f"no usable training image was found{': ' + detail if detail else ''}. "
+                       "Add JPEG/PNG/WebP images to the folder.")
+
+
+def load_items(cfg, on_image: OnImage = None, collected=None) -> tuple[list[TrainItem], list[IngestProblem]]:
+    """The training images of a config, with one problem per file that could not be used. Each image is decoded
+    once; ``on_image(item, image)`` sees that decoded image (facts, hashes, latents come from it).
+    ``collected``: what :func:`collect_records` returned, when the caller listed the folder already."""
+    collected = collected if collected is not None else collect_records(cfg)
+    if collected is not None:
+        records, problems = collected
+        problems = list(problems)
+        items = _from_records(records, cfg.instance_prompt, problems, on_image)
     else:
-        items = _from_hub(cfg, problems)
+        problems = []
+        items = _from_hub(cfg, problems, on_image)
     if not items:
-        detail = "; ".join(str(p) for p in problems[:5])
-        raise DatasetError(f"no usable training image was found{': ' + detail if detail else ''}. "
-                           "Add JPEG/PNG/WebP images to the folder.")
+        _no_items(problems)
     return items, problems
 
 

@@ -32,16 +32,23 @@ class Measurement:
     error: str = ""
 
 
-def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None) -> Measurement:
+def measure_run(cfg: TrainConfig, *, warmup: int = 1, on_event=None, stop=None, inputs=None) -> Measurement:
     """Runs ``train(cfg)`` in this process and measures it. ``warmup`` steps are left out of the per-step means.
-    An out-of-memory failure returns ``Measurement(peak_bytes=None, oom=True)``; other failures raise."""
+    An out-of-memory failure returns ``Measurement(peak_bytes=None, oom=True)``; other failures raise.
+    ``inputs`` (``RunInputs``): the loaded model and read dataset to measure on; released afterwards (the
+    adapters come off), so that the next measurement or the run starts from the model as loaded."""
     import torch
 
     from ..training.errors import TrainingError
     from ..training.trainer import Trainer
 
     def train(c, on_event, stop):  # the run itself, never api.train: no preflight inside the preflight
-        return Trainer(c, on_event=on_event, stop=stop).run()
+        trainer = Trainer(c, on_event=on_event, stop=stop, inputs=inputs)
+        try:
+            return trainer.run()
+        finally:
+            if inputs is not None:
+                inputs.release(trainer)
 
     events: list = []
     last_step_peak: list = [None]

@@ -64,8 +64,9 @@ def default_resolution(cfg: TrainConfig) -> Optional[int]:
                                        cache_dir=cfg.cache_dir)
 
 
-def planned_total_steps(cfg: TrainConfig) -> int:
-    """Optimizer steps of the whole run, computed as the loop does (single process)."""
+def planned_total_steps(cfg: TrainConfig, items=None) -> int:
+    """Optimizer steps of the whole run, computed as the loop does (single process). ``items``: the dataset as
+    already read (else it is read here)."""
     if cfg.max_train_steps:
         return int(cfg.max_train_steps)
     from ..data.buckets import make_buckets, nearest_bucket
@@ -73,7 +74,8 @@ def planned_total_steps(cfg: TrainConfig) -> int:
     from ..data.sampler import compute_total_steps
     from ..data.sources import load_items
 
-    items, _ = load_items(cfg)
+    if items is None:
+        items, _ = load_items(cfg)
     res = default_resolution(cfg) or 1024
     buckets = make_buckets(res, cfg.bucket_step) if cfg.aspect_buckets else [(res, res)]
     item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
@@ -92,13 +94,13 @@ def text_steps(cfg: TrainConfig, total: int) -> int:
     return min(n, total)
 
 
-def measurement_config(cfg: TrainConfig, measure_steps: int, output_dir: str) -> TrainConfig:
+def measurement_config(cfg: TrainConfig, measure_steps: int, output_dir: str, items=None) -> TrainConfig:
     """The copy that is measured: ``measure_steps`` steps, no validation/checkpoints/uploads/trackers, and, when
     the real run has both phases, the text pivot placed mid-way so that both get timed."""
     m = cfg.replace(max_train_steps=measure_steps, steps_per_image=None, validation_prompt=None,
                     output_dir=output_dir, checkpointing_steps=10 ** 7, checkpoints_total_limit=None,
                     push_to_hub=False, report_to="none", resume_from_checkpoint=None, auto_fit=False)
-    total = planned_total_steps(cfg)
+    total = planned_total_steps(cfg, items)
     n_text = text_steps(cfg, total)
     if 0 < n_text < total and measure_steps >= 3:
         pivot = max(2, (measure_steps + 1) // 2)  # warm-up + >= 1 text step, then >= 1 frozen step
@@ -157,19 +159,37 @@ def next_fix(cfg: TrainConfig, *, cuda: bool, bnb: bool, min_resolution: int = 5
     return None
 
 
-def _real_measure(measure_steps: int, workdir: str, on_event, stop=None) -> Callable[[TrainConfig], Measurement]:
+def _real_measure(measure_steps: int, workdir: str, on_event, stop=None,
+                  inputs=None) -> Callable[[TrainConfig], Measurement]:
     counter = [0]
 
     def run(cfg: TrainConfig) -> Measurement:
         counter[0] += 1
         out = os.path.join(workdir, f"measure-{counter[0]}")
-        mcfg = measurement_config(cfg, measure_steps, out)
+        mcfg = measurement_config(cfg, measure_steps, out, inputs.items if inputs is not None else None)
         try:
-            return measure_run(mcfg, warmup=1, stop=stop)
+            return measure_run(mcfg, warmup=1, stop=stop, inputs=inputs)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
     return run
+
+
+def _prepare(cfg: TrainConfig, inputs, workdir: str, status) -> None:
+    """Loads the model and reads the dataset (latents included) into ``inputs`` once, for every measurement and
+    the run; a failure is a TrainingError that says what to do, as it would be from the run itself."""
+    from ..training.errors import TrainingError, describe_failure
+    from ..training.setup import make_accelerator
+
+    try:
+        acc = make_accelerator(cfg.replace(report_to="none"), workdir)
+        family, comps = inputs.model(cfg, acc, lambda phase, msg, *a: status(msg))
+        inputs.dataset(cfg, cfg.resolution or family.default_resolution(comps), lambda phase, msg, *a: status(msg))
+    except TrainingError:
+        raise
+    except Exception as exc:
+        text, advice = describe_failure(exc, workdir)
+        raise TrainingError(text, advice) from exc
 
 
 def _describe(cfg: TrainConfig) -> dict:
@@ -181,9 +201,14 @@ def _describe(cfg: TrainConfig) -> dict:
 
 def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[int] = None, on_event=None, *,
               measure: Optional[MeasureFn] = None, min_resolution: int = 512,
-              total_steps: Optional[int] = None, stop: Optional[threading.Event] = None) -> FitPlan:
+              total_steps: Optional[int] = None, stop: Optional[threading.Event] = None,
+              inputs=None) -> FitPlan:
     """Measures ``cfg`` for ``measure_steps`` steps (through ``train()``), adjusts it until the predicted peak
     memory fits ``budget_bytes`` (default: 92 % of free CUDA memory / available RAM) and predicts the run.
+
+    ``inputs`` (a :class:`~trainer.training.inputs.RunInputs`): the model, dataset and latents the run will
+    train with; the measurements use them (loaded and read here once, before the budget is taken, so weights
+    count in neither the budget nor the measured growth), and the caller's run then reuses them.
 
     ``measure(cfg) -> (peak_bytes or None for out-of-memory, s_per_it)`` replaces the real measurement (tests,
     or callers that measure elsewhere); predictions then have no fixed overhead.
@@ -199,9 +224,19 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
 
     cuda = _cuda()
     bnb = _bnb_ok()
-    budget = int(budget_bytes) if budget_bytes is not None else available_memory()
     workdir = tempfile.mkdtemp(prefix="preflight-")
-    real = _real_measure(measure_steps, workdir, on_event, stop) if measure is None else None
+    if measure is None:
+        if inputs is None:
+            from ..training.inputs import RunInputs
+
+            inputs = RunInputs()
+        try:
+            _prepare(cfg, inputs, workdir, status)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+    budget = int(budget_bytes) if budget_bytes is not None else available_memory()
+    real = _real_measure(measure_steps, workdir, on_event, stop, inputs) if measure is None else None
 
     def run(c: TrainConfig) -> Measurement:
         if real is not None:
@@ -234,7 +269,8 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    total = int(total_steps) if total_steps else planned_total_steps(current)
+    total = int(total_steps) if total_steps else planned_total_steps(
+        current, inputs.items if inputs is not None else None)
     seconds = predict_seconds(m, current, total) if m.s_per_it == m.s_per_it else float("nan")
     mean_s = (seconds - m.overhead_s) / total if total else m.s_per_it
     eta = (f"estimated time {fmt_seconds(seconds)} ({total} steps at {mean_s:.3g} s/it"

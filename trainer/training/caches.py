@@ -5,63 +5,67 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from ..config import TrainConfig
 from ..data.sampler import Sample
 from ..data.sources import TrainItem
-from ..data.transforms import prepare_image
+from ..data.checks import pixel_sha256
+from .latents import LatentStore
 
 
 class LatentCache:
-    """Latents keyed by the image (index; class images negative), its flip and its bucket, never by step order."""
+    """Latents keyed by the image (index; class images negative), its flip and its bucket, never by step order.
+    ``entries`` maps each to its key in the :class:`~.latents.LatentStore` (on disk, keyed by content)."""
 
-    def __init__(self, cfg: TrainConfig, vae, items: list[TrainItem], item_buckets: list,
+    def __init__(self, cfg: TrainConfig, store: LatentStore, items: list[TrainItem], item_buckets: list,
                  class_items: list[TrainItem]):
-        self.cfg, self.vae = cfg, vae
+        self.cfg, self.store = cfg, store
         self.items, self.item_buckets, self.class_items = items, item_buckets, class_items
-        self.entries: dict[tuple, tuple] = {}   # (image, flip, bucket) -> latent + micro-conditioning
+        self.entries: dict[tuple, str] = {}   # (image, flip, bucket) -> store key
 
-    def _prepared(self, item: TrainItem, bucket, flip: bool, sample_seed: int):
-        crop_rng = np.random.default_rng(sample_seed) if not self.cfg.center_crop else None
-        return prepare_image(item.load(), bucket, center_crop=self.cfg.center_crop, flip=flip, crop_rng=crop_rng,
-                             interpolation=self.cfg.image_interpolation_mode)
-
-    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        lat = dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).float()
+        return self.store.encode_pixels(pixels)
 
     def encode_item(self, item: TrainItem, bucket, flip: bool, sample_seed: int) -> tuple:
         """(latent, original_size, crop_top_left, target_size) of one image at one bucket and flip."""
-        prep = self._prepared(item, bucket, flip, sample_seed)
-        lat = self.encode_pixels(prep.pixels.unsqueeze(0))[0]
-        return lat, prep.original_size, prep.crop_top_left, prep.target_size
+        return self.store.encode(item.load(), bucket, flip, sample_seed)
 
     def fill(self, status: Callable[..., None]) -> None:
-        """Encodes every (image, flip variant, bucket) once."""
+        """Makes sure every (image, flip variant, bucket) has an entry: read back when the store has it (the setup's
+        read of the dataset already encoded what was missing at this resolution), encoded otherwise; each image
+        missing something is decoded once."""
         variants = [False, True] if self.cfg.random_flip else [False]
-        todo = [(i, f) for i in range(len(self.items)) for f in variants]
-        todo += [(-1 - j, False) for j in range(len(self.class_items))]
-        for n, (i, flip) in enumerate(todo):
-            if i >= 0:
-                item, buckets = self.items[i], [self.item_buckets[i]]
-            else:
-                item = self.class_items[-1 - i]
-                buckets = sorted(set(self.item_buckets))  # a class image may join a batch of any bucket
+        todo = [(i, self.items[i], [self.item_buckets[i]]) for i in range(len(self.items))]
+        all_buckets = sorted(set(self.item_buckets))  # a class image may join a batch of any bucket
+        todo += [(-1 - j, it, all_buckets) for j, it in enumerate(self.class_items)]
+        before = self.store.encodes
+        for n, (i, item, buckets) in enumerate(todo):
+            image = None
+
+            def decoded():
+                nonlocal image
+                if image is None:
+                    image = item.load()
+                return image
+
+            if item.content is None:
+                item.content = pixel_sha256(decoded())
             for b in buckets:
-                self.entries[(i, flip, b)] = self.encode_item(item, b, flip, 0)
+                for flip in (variants if i >= 0 else [False]):
+                    self.entries[(i, flip, b)] = self.store.ensure(item.content, decoded, b, flip)
             if n % 8 == 0 or n == len(todo) - 1:
-                status("cache_latents", f"encoding images {n + 1}/{len(todo)}", n + 1, len(todo))
+                status("cache_latents", f"latents {n + 1}/{len(todo)} ({self.store.encodes - before} encoded)",
+                       n + 1, len(todo))
 
     def get(self, key_item: int, item: TrainItem, bucket, sample: Sample) -> tuple:
-        key = (key_item, sample.flip, bucket)
-        if key in self.entries:
-            return self.entries[key]
+        key = self.entries.get((key_item, sample.flip, bucket))
+        if key is not None:
+            entry = self.store.load(key)
+            if entry is None:  # removed or damaged since the setup: encode it again
+                entry = self.store.encode(item.load(), bucket, sample.flip, 0)
+                self.store.save(key, entry)
+            return entry
         return self.encode_item(item, bucket, sample.flip, sample.seed)
 
 

@@ -1,16 +1,15 @@
-"""Everything a run needs before its first step, one function per part: the accelerator, the data, the model
-on its devices, the dataset checks, the class images of prior preservation and the trainable parameters."""
+"""Everything a run needs before its first step, one function per part: the accelerator, the model on its
+devices, the class images of prior preservation and the trainable parameters (the dataset is read and checked
+once per ``train()`` call by ``inputs.RunInputs``)."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ..config import TrainConfig
-from ..data.checks import check_dataset
-from ..data.problems import Record
-from ..data.sources import TrainItem, load_class_items, load_items
+from ..data.sources import TrainItem, load_class_items
 from ..devices import default_mixed_precision, weight_dtype
 from ..families import detect_family, get_family, resolve
 from ..families.loading import load_parts
@@ -42,14 +41,6 @@ def make_accelerator(cfg: TrainConfig, run_dir: str):
                                                            logging_dir=os.path.join(run_dir, cfg.logging_dir)))
 
 
-def load_data(cfg: TrainConfig) -> tuple[list[TrainItem], list[str]]:
-    """The training images and one note per file that was skipped (or whose caption had a problem)."""
-    items, problems = load_items(cfg)
-    # caption problems keep their image; every other problem means the file was skipped
-    notes = [f"{'' if p.code.startswith('caption') else 'skipped '}{p.file}: {p.message}" for p in problems]
-    return items, notes
-
-
 def load_model(cfg: TrainConfig, accelerator, status: Callable[[str, str], None]):
     """(family, components) with the frozen parts on the accelerator's device in their training dtypes."""
     device = accelerator.device
@@ -68,22 +59,6 @@ def load_model(cfg: TrainConfig, accelerator, status: Callable[[str, str], None]
     for te in comps.text_encoders:
         te.to(device).requires_grad_(False).eval()
     return family, comps
-
-
-def as_record(item: TrainItem) -> Optional[Record]:
-    return Record(path=item.path, caption=item.caption, source_name=item.name) if item.path else None
-
-
-def check_data(cfg: TrainConfig, items: list[TrainItem], resolution: int, tokenizer) -> list[str]:
-    """Notes of the dataset checks; raises TrainingError when a problem blocks training."""
-    problems = check_dataset([r for r in map(as_record, items) if r], resolution=resolution,
-                             trigger=cfg.abstractions[0] if cfg.abstractions else "", min_images=3,
-                             tokenizer=tokenizer)
-    blocking = [p for p in problems if p.severity == "error"]
-    if blocking:
-        raise TrainingError("the dataset has problems:\n" + "\n".join(
-            f"  {p.file}: {p.message} Fix: {p.fix}" for p in blocking))
-    return [f"{p.file}: {p.message}" for p in problems]
 
 
 def prepare_class_images(cfg: TrainConfig, family, comps, accelerator, resolution: int, seed: int,

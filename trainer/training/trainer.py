@@ -19,13 +19,15 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig
-from ..data.buckets import bucket_step_for, make_buckets, nearest_bucket
+from ..data.buckets import nearest_bucket
+from ..data.sources import collect_records
 from ..data.sampler import BucketBatchSampler, compute_total_steps
 from ..events import EventLog, Failed, Started, Status, Step
 from ..export.kohya import outside_sdscripts_blocks
 from . import finish, setup
 from .batches import Batches
 from .caches import LatentCache, TextEncoding
+from .inputs import RunInputs, run_buckets
 from .errors import NONFINITE_ADVICE, RunResult, TrainingError, describe_failure
 from .optim import build_optimizer, build_scheduler, drop_group_params, effective_lr
 from .step import apply_gradients, backward, forward_loss
@@ -39,8 +41,9 @@ class Trainer:
     OFFLOAD_TEXT_ENCODERS_FROM = TextEncoding.OFFLOAD_FROM
 
     def __init__(self, cfg: TrainConfig, on_event=None, stop: Optional[threading.Event] = None, fault_hook=None,
-                 notes: Optional[list[str]] = None):
+                 notes: Optional[list[str]] = None, inputs: Optional[RunInputs] = None):
         self.cfg = cfg.validate()
+        self.inputs = inputs or RunInputs()  # shared with the preflight's measurements: one load, one read
         self.extra_notes = list(notes or [])
         self.stop = stop or threading.Event()
         self.fault_hook = fault_hook  # tests inject faults (kill during checkpoint write, OOM, NaN) through this
@@ -92,12 +95,14 @@ class Trainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
-        self.status("data", "reading images")
-        items, more = setup.load_data(cfg)
-        notes += more
-        self.family, self.comps = family, comps = setup.load_model(cfg, acc, self.status)
+        inputs = self.inputs
+        collected = collect_records(cfg) if inputs.items is None else None  # an empty folder fails before loading
+        self.family, self.comps = family, comps = inputs.model(cfg, acc, self.status)
         self.resolution = resolution = cfg.resolution or family.default_resolution(comps)
-        notes += setup.check_data(cfg, items, resolution, comps.tokenizers[0])
+        self.status("data", "reading images")
+        items, more = inputs.dataset(cfg, resolution, self.status, collected)
+        notes += more
+        notes += inputs.check(cfg, resolution, comps.tokenizers[0])
         class_items: list = []
         if cfg.with_prior_preservation:  # class images before anything is attached to the model
             class_items, more = setup.prepare_class_images(cfg, family, comps, acc, resolution, seed, self.status)
@@ -109,8 +114,7 @@ class Trainer:
                          "ComfyUI and A1111 load those keys, kohya's sd-scripts has no LoRA there and ignores them")
         self.unet_forward = torch.compile(comps.unet) if cfg.compile_unet else comps.unet
 
-        buckets = (make_buckets(resolution, bucket_step_for(resolution, cfg.bucket_step)) if cfg.aspect_buckets
-                   else [(resolution, resolution)])
+        buckets = run_buckets(cfg, resolution)
         self.items, self.class_items = items, class_items
         self.item_buckets = item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
         self.sampler = BucketBatchSampler(item_buckets, repeats=cfg.repeats, batch_size=cfg.train_batch_size * self.world,
@@ -121,7 +125,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, groups)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
         self.noise_gen = torch.Generator().manual_seed(seed + 1)
-        self.latents = LatentCache(cfg, comps.vae, items, item_buckets, class_items)
+        self.latents = LatentCache(cfg, inputs.latent_store(cfg), items, item_buckets, class_items)
         self.text = TextEncoding(cfg, family, comps, device)
         self.batches = Batches(cfg, self.sampler, items, item_buckets, class_items, self.latents.get,
                                comps.noise_scheduler.config.num_train_timesteps, self.noise_gen, self.rank,
@@ -141,7 +145,10 @@ class Trainer:
         if self.text_trainable and not self.text_should_train(start):
             self.freeze_text()  # nothing textual trains, or a resume past the pivot already froze it
         if cfg.cache_latents:
+            t0 = time.time()
             self.latents.fill(self.status)
+            inputs.seconds["caches"] += time.time() - t0
+        notes += inputs.store.notes if inputs.store is not None else []
 
         self.log.emit(Started(run_dir=self.run_dir, total_steps=self.total, num_images=len(items),
                               start_step=start, notes=notes))
@@ -227,6 +234,8 @@ class Trainer:
             lr, d_lr = effective_lr(self.optimizer)
             self.log.emit(Step(step=step, total=total, loss=value, lr=lr, d_lr=d_lr, s_per_it=s_it,
                                eta_s=s_it * (total - step), epoch=epoch, text_trainable=self.text_trainable))
+            if steps_done == 1:
+                self.log.emit(self.inputs.first_step(time.time() - t_start))
             if acc.is_main_process and getattr(acc, "trackers", None) and value is not None:
                 acc.log({"loss": value, "lr": lr, **({"d*lr": d_lr} if d_lr else {})}, step=step)
             stopping = self.stop.is_set()
