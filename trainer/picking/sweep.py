@@ -82,10 +82,11 @@ def _prompts(cfg, settings: SweepSettings) -> list[str]:
 
 
 def run_sweep(run_dir: str, settings: Optional[SweepSettings] = None, *, engine=None, scorer=None,
-              on_progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+              on_progress: Optional[Callable[[int, int, str], None]] = None, stop=None) -> dict:
     """Renders and scores the sweep of the finished run ``run_dir``, writes pick.json and the grid, and returns
     the record (as ``load_pick`` reads it). ``engine``: a ``generation.Engine`` to share (default: a new one);
-    ``on_progress(done, total, what)`` after each image. Raises PickError for a run that cannot be swept."""
+    ``on_progress(done, total, what)`` after each image; ``stop`` (a threading.Event) ends it before the next
+    image. Raises PickError for a run that cannot be swept (or a stopped sweep: nothing is written then)."""
     from generation import Engine, GenerateRequest, InferenceInputError
 
     from ..data.sources import load_items
@@ -128,6 +129,8 @@ def run_sweep(run_dir: str, settings: Optional[SweepSettings] = None, *, engine=
                               num_new_tokens_per_abstraction=cfg.num_new_tokens_per_abstraction,
                               scheduler=settings.scheduler, steps=steps, guidance_scale=guidance, width=size,
                               height=size, seed=int(seed), lora_scale=float(scale))
+        if stop is not None and stop.is_set():
+            raise PickError(f"the sweep was stopped; `python -m trainer pick {run_dir}` runs it again.")
         try:
             image = engine.generate(req).images[0]
         except InferenceInputError as exc:
