@@ -275,3 +275,68 @@ def test_holding_out_every_image_is_refused(data, tmp_path):
 
     with pytest.raises(TrainingError, match="holds out every image"):
         train(_cfg(data, str(tmp_path / "all"), validation_loss_images=4))
+
+
+# ----- the app: the grid with the pick, Generate on the pick ---------------------------------------------------------
+def _step2_picked_copy(run_dir: str, dst: str) -> dict:
+    """The run with its pick moved to step-2 x 0.8 (so the pick differs from the final LoRA)."""
+    import shutil
+
+    shutil.copytree(run_dir, dst)
+    path = os.path.join(dst, "pick.json")
+    rec = json.load(open(path))
+    rec["pick"] = next(c for c in rec["cells"] if (c["step"], c["scale"]) == (2, 0.8))
+    json.dump(rec, open(path, "w"))
+    return rec
+
+
+def test_the_app_shows_the_grid_and_generates_with_the_pick(run, tmp_path):
+    from gradio_client import Client
+
+    from app_fixtures import call, free_port
+    from ui import build_app
+    from ui.pick_view import pick_summary
+    from ui.train_tab import loss_frame, summarize
+
+    result, _ = run
+    demo, kw = build_app(root=str(tmp_path / "outputs"))
+    demo.launch(prevent_thread_lock=True, server_port=free_port(), **kw)
+    try:
+        client = Client(f"http://127.0.0.1:{demo.server_port}", verbose=False)
+        ctx = demo.ls_context
+        runs = ctx.workspaces.runs_dir(client.session_hash)
+        rec = _step2_picked_copy(result.run_dir, os.path.join(runs, "picked"))
+        client.predict(api_name="/list_runs")  # the run list of this session (as the tab's refresh does)
+        md, grid, table, scale = client.predict(run_name="picked", api_name="/show_pick")[:4]
+        assert "Pick: step-2 at LoRA scale 0.8" in md and rec["why"] in md and RULE_TEXT in md
+        assert Image.open(grid).size == Image.open(os.path.join(runs, "picked", "pick", "grid.png")).size
+        rows = table["data"] if isinstance(table, dict) else table
+        assert [r[-1] for r in rows] == ["★", "", "", ""] and len(rows) == 4
+        assert scale == 0.8  # the Generate tab's LoRA scale defaults to the pick's
+        common = dict(run="picked", prompt="a painting of TOK", negative_prompt="", scheduler="Euler a", steps=2,
+                      guidance_scale=5.0, lora_scale=0.8, width=64, height=64, seed=0, num_images=1)
+        engine = ctx.engine.get()
+        picked_dir = os.path.join(runs, "picked")
+        assert len(call(client, "/generate", **common)[0]) == 1
+        # the shared engine now holds the picked checkpoint's files (the gallery's webp copies are lossy, so the
+        # files are checked, not the pixels)
+        assert engine._lora[0] == os.path.join(picked_dir, "pick", "step-2", "pytorch_lora_weights.safetensors")
+        assert engine._emb[0][0] == os.path.join(picked_dir, "pick", "step-2", "run_emb.safetensors")
+        assert len(call(client, "/generate", use_pick=False, **common)[0]) == 1
+        assert engine._lora[0] == os.path.join(picked_dir, "pytorch_lora_weights.safetensors")
+        # a finished run without a sweep: the button runs it on the app's engine
+        import shutil
+
+        shutil.copytree(result.run_dir, os.path.join(runs, "fresh"), ignore=shutil.ignore_patterns("pick*"))
+        client.predict(api_name="/list_runs")
+        assert "No sweep yet" in client.predict(run_name="fresh", api_name="/show_pick")[0]
+        md = client.predict(run_name="fresh", api_name="/find_best")[0]
+        assert "Pick: step-" in md and load_pick(os.path.join(runs, "fresh")) is not None
+    finally:
+        demo.close()
+    assert pick_summary(str(tmp_path))["can_sweep"] and "No sweep yet" in pick_summary(str(tmp_path))["md"]
+    # the Train tab's loss plot carries the validation loss next to the training loss
+    events = read_events(os.path.join(result.run_dir, "events.jsonl"))
+    s = summarize({"state": "finished", "run": "r", "events": events, "position": 0})
+    df = loss_frame(s)
+    assert set(df["series"]) == {"training", "validation"} and len(df[df.series == "validation"]) == 3

@@ -160,6 +160,8 @@ def summarize(view: dict) -> dict:
                        + "".join(f"\n  note: {n}" for n in e.get("notes", [])))
         elif t == "checkpoint":
             log.append(f"[checkpoint] step {e.get('step')}")
+        elif t == "picked":
+            log.append(f"[pick] {e.get('checkpoint')} at LoRA scale {e.get('scale')}: {e.get('why')}")
         elif t == "sample":
             log.append(f"[sample] step {e.get('step')}: {len(e.get('images', []))} image(s)")
         elif t == "finished":
@@ -174,9 +176,16 @@ def summarize(view: dict) -> dict:
         "step": last.get("step", 0), "total": last.get("total", 0), "loss": loss,
         "lr": last.get("lr"), "d_lr": last.get("d_lr"), "s_per_it": last.get("s_per_it"), "eta_s": last.get("eta_s"),
         "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
+        "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
         "samples": samples, "log": log[-200:],
         "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
     }
+
+
+def loss_frame(s: dict) -> pd.DataFrame:
+    """The plot's data: the training loss and, with --validation_loss_images, the held-out loss next to it."""
+    rows = [[st, v, "training"] for st, v in s["losses"]] + [[st, v, "validation"] for st, v in s["val_losses"]]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def progress_html(s: dict) -> str:
@@ -250,8 +259,8 @@ def build(ctx) -> dict:
     progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
     lr_box = gr.Markdown("", elem_id="ls-lr")
     with gr.Row():
-        loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
-                                elem_id="ls-loss", height=260, scale=3)
+        loss_plot = gr.LinePlot(loss_frame({"losses": [], "val_losses": []}), x="step", y="loss", color="series",
+                                label="Loss", elem_id="ls-loss", height=260, scale=3)
         samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="ls-samples", scale=2)
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="ls-log", interactive=False)
     status_json = gr.JSON(visible=False)
@@ -278,10 +287,10 @@ def build(ctx) -> dict:
     # -- start / stop / resume --
     def view_outputs(sid):
         s = summarize(job_view(ctx, sid))
-        df = pd.DataFrame(s["losses"], columns=["step", "loss"]) if s["losses"] else \
-            pd.DataFrame({"step": [], "loss": []})
-        brief = {k: v for k, v in s.items() if k not in ("losses", "samples", "log")}
+        df = loss_frame(s)
+        brief = {k: v for k, v in s.items() if k not in ("losses", "val_losses", "samples", "log")}
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
+        brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
         return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), s["samples"], brief, gr.Timer(active=active)]
 

@@ -30,13 +30,13 @@ def main(argv: list[str]) -> int:
     from ..progress import CliProgress
     from .record import PickError
     from .scorer import ScorerError
-    from .sweep import SweepSettings, _run_config, run_sweep
+    from .sweep import SweepSettings, read_run_config, run_sweep
 
     args = build_parser().parse_args(argv)
     try:
         if not os.path.isdir(args.run):
             raise PickError(f"run folder {args.run} does not exist")
-        cfg = _run_config(args.run)
+        cfg = read_run_config(args.run)
         overrides = {k: v for k, v in {"pick_scales": args.scales, "pick_seeds": args.seeds,
                                        "pick_clip_model": args.clip_model}.items() if v is not None}
         cfg = cfg.replace(**overrides)

@@ -39,7 +39,7 @@ class SweepSettings:
     scheduler: str = "Euler a"
 
 
-def _run_config(run_dir: str):
+def read_run_config(run_dir: str):
     from dataclasses import fields
 
     from ..config import ConfigError, TrainConfig
@@ -94,7 +94,7 @@ def run_sweep(run_dir: str, settings: Optional[SweepSettings] = None, *, engine=
 
     settings = settings or SweepSettings()
     run_dir = os.path.abspath(run_dir)
-    cfg = _run_config(run_dir)
+    cfg = read_run_config(run_dir)
     kept = ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"))
     if not kept:
         raise PickError(f"{run_dir} has no complete checkpoint to sweep; train it (or resume it) first.")
