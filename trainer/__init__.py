@@ -6,7 +6,8 @@ This module is the trainer's public facade, the one the app (``ui/``) and other 
 - the configuration: ``TrainConfig``, ``ConfigError``, ``FieldError``, ``field_type``, ``coerce_field``,
   ``load_preset``, ``preset_info``, ``available_presets``;
 - the events: ``Event``, ``Started``, ``Status``, ``Step``, ``Sample``, ``Checkpoint``, ``Finished``, ``Failed``,
-  ``read_events``;
+  ``ValidationLoss``, ``Picked``, ``read_events``;
+- the picker's record: ``load_pick``, ``PickError``;
 - dataset reading and checks: ``check_dataset``, ``bucket_histogram``, ``load_image``, ``ImageProblem``,
   ``is_image_name``, ``Record``, ``IngestProblem``, ``collect_folder``, ``read_metadata_jsonl``,
   ``write_metadata_jsonl``;
@@ -26,6 +27,7 @@ _EXPORTS = {
     "Event": "events", "Started": "events", "Status": "events", "Step": "events", "Sample": "events",
     "Checkpoint": "events", "Finished": "events", "Failed": "events", "read_events": "events",
     "FirstStep": "events", "describe_first_step": "events",
+    "ValidationLoss": "events", "Picked": "events", "load_pick": "picking", "PickError": "picking",
     "check_dataset": "data.checks", "bucket_histogram": "data.buckets", "load_image": "data.images",
     "ImageProblem": "data.images", "is_image_name": "data.images", "Record": "data.problems",
     "IngestProblem": "data.problems", "collect_folder": "data.folders", "read_metadata_jsonl": "data.folders",

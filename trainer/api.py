@@ -40,4 +40,36 @@ def train(config: TrainConfig, on_event=None, stop: Optional[threading.Event] = 
             raise TrainingError("the run does not fit in memory", plan.message)
         config = plan.config.replace(auto_fit=False)
         notes.append(f"auto-fit: {plan.message}")
-    return Trainer(config, on_event=on_event, stop=stop, fault_hook=fault_hook, notes=notes, inputs=inputs).run()
+    result = Trainer(config, on_event=on_event, stop=stop, fault_hook=fault_hook, notes=notes, inputs=inputs).run()
+    if config.pick_best and not result.stopped and result.artifacts:  # artifacts: the main process
+        pick_after_training(config, result, on_event, stop)
+    return result
+
+
+def pick_after_training(config: TrainConfig, result: RunResult, on_event=None,
+                        stop: Optional[threading.Event] = None) -> None:
+    """``--pick_best``: the sweep of the finished run, its progress as ``status`` events and its recommendation
+    as a ``picked`` event (also in events.jsonl); ``result.artifacts["pick"]`` is pick.json. A sweep that fails
+    leaves the trained run as it is: the failure is a ``status`` event and ``result.pick_error``."""
+    from .events import EventLog, Picked, Status
+    from .picking import PickError, SweepSettings, run_sweep
+    from .picking.scorer import ScorerError
+
+    log = EventLog(os.path.join(result.run_dir, "events.jsonl"), on_event)
+    settings = SweepSettings(scales=config.pick_scale_values, seeds=tuple(range(config.pick_seeds)),
+                             clip_model=config.pick_clip_model)
+
+    def progress(done, total, what):
+        log.emit(Status(phase="pick", message=f"sweep {done}/{total}: {what}", current=done, total=total))
+
+    log.emit(Status(phase="pick", message="sweeping the checkpoints x LoRA scales (--pick_best)"))
+    try:
+        record = run_sweep(result.run_dir, settings, on_progress=progress, stop=stop)
+    except (PickError, ScorerError) as exc:
+        result.pick_error = str(exc)
+        log.emit(Status(phase="pick", message=f"the sweep failed: {exc}"))
+        return
+    pick = record["pick"]
+    result.artifacts["pick"] = os.path.join(result.run_dir, "pick.json")
+    log.emit(Picked(checkpoint=pick["checkpoint"], scale=pick["scale"], why=record["why"],
+                    path=result.artifacts["pick"]))

@@ -132,4 +132,7 @@ def main(argv=None) -> int:
     print(f"done: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
     for k, v in result.artifacts.items():
         print(f"  {k}: {v}")
+    if result.pick_error:  # --pick_best: the run is trained, but no recommendation was made
+        print(f"error: --pick_best: {result.pick_error}", file=sys.stderr)
+        return 1
     return 0

@@ -87,6 +87,30 @@ def describe_first_step(ev) -> str:
 
 
 @dataclass
+class ValidationLoss(Event):
+    """The loss on the held-out images (``--validation_loss_images``) at fixed noise and timesteps."""
+
+    step: int
+    loss: float
+
+    def __post_init__(self):
+        self.type = "validation_loss"
+
+
+@dataclass
+class Picked(Event):
+    """The sweep's recommendation (``--pick_best`` / ``python -m trainer pick``): see ``<run>/pick.json``."""
+
+    checkpoint: str
+    scale: float
+    why: str
+    path: str
+
+    def __post_init__(self):
+        self.type = "picked"
+
+
+@dataclass
 class Sample(Event):
     step: int
     images: list[str]

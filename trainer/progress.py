@@ -11,6 +11,7 @@ class CliProgress:
         self.stream = stream
         self.bar = None
         self.loss = None  # the last loss read (every --log_every steps), shown until the next read
+        self.val_loss = None  # the last validation loss (--validation_loss_images)
 
     def __call__(self, ev: Event) -> None:
         from tqdm import tqdm
@@ -28,9 +29,23 @@ class CliProgress:
                 self.loss = ev.loss
             if self.loss is not None:
                 post["loss"] = f"{self.loss:.4f}"
+            if self.val_loss is not None:
+                post["val"] = f"{self.val_loss:.4f}"
             if ev.d_lr is not None:
                 post["d*lr"] = f"{ev.d_lr:.3g}"
             self.bar.set_postfix(post, refresh=False)
+        elif t == "validation_loss":
+            self.val_loss = ev.loss
+        elif t == "status" and ev.phase == "pick" and ev.total:
+            if self.bar is None or self.bar.desc != "pick sweep":  # the sweep gets its own bar
+                self.close()
+                self.bar = tqdm(total=ev.total, desc="pick sweep", unit="image", file=self.stream,
+                                dynamic_ncols=True)
+            self.bar.update(ev.current - self.bar.n)
+            self.bar.set_postfix_str(ev.message.split(": ", 1)[-1][:60], refresh=False)
+        elif t == "picked":
+            self.close()
+            print(f"pick: {ev.checkpoint} at LoRA scale {ev.scale:g} ({ev.path})\n  why: {ev.why}", file=self.stream)
         elif t == "status":
             msg = f"[{ev.phase}] {ev.message}"
             (self.bar.write(msg) if self.bar is not None else print(msg, file=self.stream))

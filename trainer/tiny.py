@@ -190,15 +190,16 @@ _BUILDERS = {
 }
 
 
-def build_cached(kind: str, name: str, builder) -> str:
+def build_cached(kind: str, name: str, builder, marker: str = "model_index.json") -> str:
     """``<cache>/<kind>/<name>``, built once by ``builder(out_dir, tmp_dir)`` into a temporary folder and then
-    renamed into place, so a crash mid-build never leaves a half model that looks finished."""
+    renamed into place, so a crash mid-build never leaves a half model that looks finished. ``marker`` is the
+    file whose presence means "built" (``config.json`` for a transformers model)."""
     root = os.path.join(cache_root(), kind)
     path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, "model_index.json")):
+    if os.path.exists(os.path.join(path, marker)):
         return path
     with _BUILD_LOCK:
-        if os.path.exists(os.path.join(path, "model_index.json")):
+        if os.path.exists(os.path.join(path, marker)):
             return path
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
@@ -208,7 +209,7 @@ def build_cached(kind: str, name: str, builder) -> str:
             try:
                 os.rename(out, path)
             except OSError:
-                if not os.path.exists(os.path.join(path, "model_index.json")):  # another process won the race
+                if not os.path.exists(os.path.join(path, marker)):  # another process won the race
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

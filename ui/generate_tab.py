@@ -11,6 +11,7 @@ from uploads import safe_filename
 
 from . import jobs as J
 from .allowlist import VisitorError, check_base_model
+from . import pick_view
 
 UPLOADED = "(uploaded LoRA files)"
 
@@ -58,12 +59,20 @@ def build(ctx) -> dict:
     seed_info = gr.Markdown("", elem_id="ls-seed-info")
     gallery = gr.Gallery(label="Images", columns=4, height=340, elem_id="ls-gen-gallery")
 
+    def run_dir_of(run_v, ws_id, request) -> str | None:
+        if not run_v or run_v == UPLOADED:
+            return None
+        d = os.path.join(ctx.workspaces.runs_dir(ctx.sid(ws_id, request)), os.path.basename(run_v))
+        return d if os.path.isdir(d) else None
+
+    pick = pick_view.build(ctx, run, lora_scale, run_dir_of)
+
     def refresh(ws_id, request: gr.Request):
         runs = finished_runs(ctx, ctx.sid(ws_id, request))
         return gr.Dropdown(choices=runs + [UPLOADED], value=runs[0] if runs else None)
 
     def generate(run, lora_file, embeddings_file, lora_base_model, prompt, negative_prompt, scheduler, steps,
-                 guidance_scale, lora_scale, width, height, seed, num_images, ws_id, request: gr.Request,
+                 guidance_scale, lora_scale, width, height, seed, num_images, use_pick, ws_id, request: gr.Request,
                  progress=gr.Progress()):
         run_v, lora_v, emb_v, up_base_v, prompt_v, neg_v, sched_v, steps_v, guid_v, scale_v, w_v, h_v, seed_v, n_v = (
             run, lora_file, embeddings_file, lora_base_model, prompt, negative_prompt, scheduler, steps,
@@ -88,7 +97,7 @@ def build(ctx) -> dict:
                 if job is not None and job.state == J.RUNNING and os.path.realpath(job.run_dir) == \
                         os.path.realpath(run_dir):
                     raise gr.Error("That run is still training; wait for it to finish.")
-                req = request_from_run(run_dir, **common)
+                req = pick_view.apply_pick(request_from_run(run_dir, **common), run_dir, use_pick)
             elif lora_v:
                 base = check_base_model(up_base_v, ctx.policy)
                 # Keep the uploaded names: the engine refuses anything but .safetensors by name (a .ckpt renamed
@@ -116,7 +125,7 @@ def build(ctx) -> dict:
         return items, f"Seeds used: **{seeds}** (type one into Seed to get the same image again)."
 
     inputs = [run, lora_file, emb_file, up_base, prompt, negative, scheduler, steps, guidance, lora_scale, width,
-              height, seed, num_images, ws]
+              height, seed, num_images, pick["use_pick"], ws]
     gen_btn.click(generate, inputs, [gallery, seed_info], api_name="generate", concurrency_id="gpu",
                   concurrency_limit=1)
     refresh_btn.click(refresh, [ws], [run], api_name="list_runs")

@@ -18,6 +18,7 @@ from . import jobs as J
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
 from .dataset_tab import read_records, save_records
 from .sessions import safe_run_name
+from .train_view import _fmt_time, loss_frame, lr_md, progress_html  # noqa: F401 (loss_frame: tests)
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "prior": "Prior preservation", "text": "Pivotal tuning / text",
                 "lora": "LoRA", "optim": "Optimizer", "schedule": "Schedule & precision",
@@ -117,13 +118,6 @@ def format_config_error(err: ConfigError) -> str:
     return "**Error:** **The settings need a fix before training can start:**\n\n" + "\n".join(rows)
 
 
-def _fmt_time(s) -> str:
-    if s is None:
-        return "?"
-    s = int(round(float(s)))
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 # ----- the view of a job ---------------------------------------------------------------------------------------
 def job_view(ctx, sid: str) -> dict:
     job = ctx.jobs.latest(sid)
@@ -162,6 +156,8 @@ def summarize(view: dict) -> dict:
             log.append(f"[first step] {describe_first_step(e)}")
         elif t == "checkpoint":
             log.append(f"[checkpoint] step {e.get('step')}")
+        elif t == "picked":
+            log.append(f"[pick] {e.get('checkpoint')} at LoRA scale {e.get('scale')}: {e.get('why')}")
         elif t == "sample":
             log.append(f"[sample] step {e.get('step')}: {len(e.get('images', []))} image(s)")
         elif t == "finished":
@@ -176,42 +172,10 @@ def summarize(view: dict) -> dict:
         "step": last.get("step", 0), "total": last.get("total", 0), "loss": loss,
         "lr": last.get("lr"), "d_lr": last.get("d_lr"), "s_per_it": last.get("s_per_it"), "eta_s": last.get("eta_s"),
         "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
+        "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
         "samples": samples, "log": log[-200:],
         "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
     }
-
-
-def progress_html(s: dict) -> str:
-    state = s["state"]
-    if state == "none":
-        return "<div id='ls-progress'><div class='txt'>No training yet.</div></div>"
-    total = s["total"] or 0
-    pct = int(100 * s["step"] / total) if total else 0
-    if state == J.QUEUED:
-        text = f"Waiting in line: position {s['position']} (one training runs at a time on this machine)."
-    elif state == J.RUNNING and not s["step"]:
-        text = "Preparing (reading images, loading the model, caching latents)..."
-    else:
-        text = f"{state.capitalize()} · step {s['step']}/{total}"
-        if s["s_per_it"]:
-            text += f" · {s['s_per_it']:.2f} s/it"
-        if state == J.RUNNING and s["eta_s"] is not None:
-            text += f" · ETA {_fmt_time(s['eta_s'])}"
-        if s["loss"] is not None:
-            text += f" · loss {s['loss']:.4f}"
-    if state == J.FAILED and s["error"]:
-        text += f" · {html.escape(str(s['error']))}"
-    return (f"<div id='ls-progress' data-state='{state}'><div class='bar'><div class='fill' style='width:{pct}%'>"
-            f"</div></div><div class='txt'><b>{html.escape(s['run'] or '')}</b> · {html.escape(text)}</div></div>")
-
-
-def lr_md(s: dict) -> str:
-    if s["lr"] is None:
-        return ""
-    out = f"Learning rate: `{s['lr']:.3g}`"
-    if s["d_lr"] is not None:
-        out += f" · effective (Prodigy d×lr): `{s['d_lr']:.3g}`"
-    return out
 
 
 # ----- the tab --------------------------------------------------------------------------------------------------
@@ -252,8 +216,8 @@ def build(ctx) -> dict:
     progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
     lr_box = gr.Markdown("", elem_id="ls-lr")
     with gr.Row():
-        loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
-                                elem_id="ls-loss", height=260, scale=3)
+        loss_plot = gr.LinePlot(loss_frame({"losses": [], "val_losses": []}), x="step", y="loss", color="series",
+                                label="Loss", elem_id="ls-loss", height=260, scale=3)
         samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="ls-samples", scale=2)
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="ls-log", interactive=False)
     status_json = gr.JSON(visible=False)
@@ -280,10 +244,10 @@ def build(ctx) -> dict:
     # -- start / stop / resume --
     def view_outputs(sid):
         s = summarize(job_view(ctx, sid))
-        df = pd.DataFrame(s["losses"], columns=["step", "loss"]) if s["losses"] else \
-            pd.DataFrame({"step": [], "loss": []})
-        brief = {k: v for k, v in s.items() if k not in ("losses", "samples", "log")}
+        df = loss_frame(s)
+        brief = {k: v for k, v in s.items() if k not in ("losses", "val_losses", "samples", "log")}
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
+        brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
         return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), s["samples"], brief, gr.Timer(active=active)]
 

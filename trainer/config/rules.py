@@ -79,6 +79,16 @@ def field_errors(cfg) -> list[FieldError]:
     for name in ("lora_target_modules",):
         if not [t for t in getattr(cfg, name).split(",") if t.strip()]:
             e(FieldError(name, getattr(cfg, name), "needs at least one module name, e.g. to_q,to_k,to_v,to_out.0"))
+    try:
+        scales = [float(x) for x in cfg.pick_scales.split(",") if x.strip()]
+        bad = not scales or any(not 0.0 <= x <= 2.0 for x in scales)
+    except ValueError:
+        bad = True
+    if bad:
+        e(FieldError("pick_scales", cfg.pick_scales, "a comma list of LoRA scales from 0 to 2, e.g. 0.6,0.8,1.0,1.2"))
+    if cfg.pick_clip_model is not None and not cfg.pick_clip_model.strip():
+        e(FieldError("pick_clip_model", cfg.pick_clip_model, "a CLIP model id or folder (e.g. "
+                                                             "openai/clip-vit-large-patch14, tiny-clip), or leave it out"))
     if cfg.output_name and (os.sep in cfg.output_name or cfg.output_name.startswith(".")):
         e(FieldError("output_name", cfg.output_name, "a plain file name without folders"))
     return errors

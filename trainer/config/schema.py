@@ -177,6 +177,22 @@ class TrainConfig:
                                           group="output")
     validation_guidance_scale: float = opt(5.0, "Guidance scale of sample images.", min=0.0, max=50.0,
                                            group="output")
+    validation_loss_images: int = opt(
+        0, "Hold out this many dataset images (the last ones in file order) from training and report a validation "
+        "loss on them, at fixed noise and timesteps, every --validation_loss_every steps (0: off).",
+        min=0, max=1000, group="output")
+    validation_loss_every: int = opt(50, "Compute the validation loss every N steps (and at the first and last).",
+                                     min=1, max=10**7, group="output")
+    pick_best: bool = opt(
+        False, "After training, sweep every kept checkpoint x LoRA scales x prompts, score the images with CLIP "
+        "and recommend a checkpoint and scale (pick.json + a grid in the run folder; later: python -m trainer pick RUN).",
+        group="output")
+    pick_scales: str = opt("0.6,0.8,1.0,1.2", "LoRA scales of the --pick_best sweep (comma list).", group="output")
+    pick_seeds: int = opt(2, "Fixed seeds (0..N-1) per prompt in the --pick_best sweep.", min=1, max=16,
+                          group="output")
+    pick_clip_model: Optional[str] = opt(
+        None, "CLIP model that scores the sweep (default openai/clip-vit-large-patch14; tiny-clip for the tiny "
+        "models).", group="output")
     report_to: ReportTo = opt(ReportTo.none, "Experiment tracker.", group="output")
     logging_dir: str = opt("logs", "Tracker log folder, inside the run folder.", group="output")
     push_to_hub: bool = opt(False, "Upload the artifacts to the Hub when done.", group="output")
@@ -207,6 +223,11 @@ class TrainConfig:
     @property
     def effective_text_lr(self) -> float:
         return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
+    @property
+    def pick_scale_values(self) -> tuple[float, ...]:
+        """``pick_scales`` as numbers (validate() has checked them)."""
+        return tuple(float(x) for x in self.pick_scales.split(",") if x.strip())
 
     @property
     def effective_alpha(self) -> float:

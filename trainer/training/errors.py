@@ -23,6 +23,7 @@ class RunResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     stopped: bool = False
     final_loss: Optional[float] = None
+    pick_error: Optional[str] = None   # --pick_best: why the sweep failed (the trained run itself is fine)
 
 
 OOM_ADVICE = ("Out of memory. Lower the memory use, in this order: turn on --gradient_checkpointing, lower "

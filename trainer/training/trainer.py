@@ -22,13 +22,15 @@ from ..config import TrainConfig
 from ..data.buckets import nearest_bucket
 from ..data.sources import collect_records
 from ..data.sampler import BucketBatchSampler, compute_total_steps
-from ..events import EventLog, Failed, Started, Status, Step
+from ..events import EventLog, Failed, Started, Status, Step, ValidationLoss
 from ..export.kohya import outside_sdscripts_blocks
 from . import finish, setup
 from .batches import Batches
 from .caches import LatentCache, TextEncoding
 from .inputs import RunInputs, run_buckets
+from .heldout import HeldOutLoss, split_held_out
 from .errors import NONFINITE_ADVICE, RunResult, TrainingError, describe_failure
+from .placeholders import replace_placeholders
 from .optim import build_optimizer, build_scheduler, drop_group_params, effective_lr
 from .step import apply_gradients, backward, forward_loss
 
@@ -103,6 +105,7 @@ class Trainer:
         items, more = inputs.dataset(cfg, resolution, self.status, collected)
         notes += more
         notes += inputs.check(cfg, resolution, comps.tokenizers[0])
+        items, held_out = split_held_out(items, cfg.validation_loss_images)
         class_items: list = []
         if cfg.with_prior_preservation:  # class images before anything is attached to the model
             class_items, more = setup.prepare_class_images(cfg, family, comps, acc, resolution, seed, self.status)
@@ -130,6 +133,14 @@ class Trainer:
         self.batches = Batches(cfg, self.sampler, items, item_buckets, class_items, self.latents.get,
                                comps.noise_scheduler.config.num_train_timesteps, self.noise_gen, self.rank,
                                pivotal=bool(self.pivotal))
+        self.held_out = None
+        if held_out:
+            self.held_out = HeldOutLoss(
+                held_out, buckets, self.latents.encode_item,
+                lambda c: replace_placeholders(c, cfg.tokens_per_abstraction) if self.pivotal else c,
+                comps.noise_scheduler.config.num_train_timesteps, seed)
+            notes.append(f"validation loss on {len(held_out)} held-out image(s) every {cfg.validation_loss_every} "
+                         f"steps: {', '.join(it.name for it in held_out)}")
 
         start = 0
         if cfg.resume_from_checkpoint:
@@ -185,6 +196,20 @@ class Trainer:
                                              with_prior=bool(self.class_items))
         return mb.epoch, loss
 
+    def validation_loss(self, step: int) -> None:
+        """Emits the held-out images' loss (main process; the UNet in eval mode, so no LoRA dropout)."""
+        if self.held_out is None or not self.accelerator.is_main_process:
+            return
+        self.comps.unet.eval()
+        try:
+            loss = self.held_out.compute(
+                lambda mb: forward_loss(mb, family=self.family, comps=self.comps, unet_forward=self.unet_forward,
+                                        encode_text=self.text.encode, accelerator=self.accelerator, cfg=self.cfg,
+                                        with_prior=False)[0], self.accelerator.device)
+        finally:
+            self.comps.unet.train()
+        self.log.emit(ValidationLoss(step=step, loss=loss))
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
@@ -202,6 +227,8 @@ class Trainer:
         last_loss = None
         t_start, steps_done = time.time(), 0
         step, epoch = start, 0
+        if step < total:
+            self.validation_loss(step)  # where the curve starts (the base model's loss on the held-out images)
         while step < total:
             if self.text_trainable and not self.text_should_train(step):
                 self.freeze_text()
@@ -239,6 +266,8 @@ class Trainer:
             if acc.is_main_process and getattr(acc, "trackers", None) and value is not None:
                 acc.log({"loss": value, "lr": lr, **({"d*lr": d_lr} if d_lr else {})}, step=step)
             stopping = self.stop.is_set()
+            if step % cfg.validation_loss_every == 0 or step == total:
+                self.validation_loss(step)
             if (step % cfg.checkpointing_steps == 0 or stopping) and step < total:
                 if acc.is_main_process:
                     finish.save(self, step)
