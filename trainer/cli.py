@@ -13,6 +13,7 @@ import threading
 from dataclasses import fields
 from enum import Enum
 
+from .cli_help import COMPAT_TITLE, EXAMPLES, StudioParser, field_help, make_groups, quiet_libraries
 from .config import ConfigError, FieldError, TrainConfig, field_type, available_presets
 
 # Flags of diffusers' script accepted for compatibility, with why they change nothing here.
@@ -30,30 +31,35 @@ IGNORED_BOOL = {"enable_xformers_memory_efficient_attention", "set_grads_to_none
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer", allow_abbrev=False,
+    p = StudioParser(
+        prog="python -m trainer", allow_abbrev=False, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python -m trainer [--preset NAME] [--config FILE] --instance_data_dir DIR [options]",
         description="DreamBooth LoRA with pivotal tuning for SDXL / SD 1.x / SD 2.x.")
+    groups = make_groups(p)
     p.add_argument("--preset", choices=available_presets(), help="Fill defaults from presets/<name>.yaml "
                    "(explicit flags win).")
     p.add_argument("--config", help="YAML or JSON file of option: value (flags win).")
-    p.add_argument("--random_crop", nargs="?", const="true", default=None,
+    groups["data"].add_argument("--random_crop", nargs="?", const="true", default=None, metavar="BOOL",
                    help="Random crops (the opposite of --center_crop).")
     for f in fields(TrainConfig):
         if not f.metadata.get("cli", True) or f.name == "preset":
             continue
         t, _ = field_type(f.name)
-        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
+        kw = {"dest": f.name, "default": None, "help": field_help(f)}
         if t is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")
         elif isinstance(t, type) and issubclass(t, Enum):
             kw.update(metavar="{" + ",".join(m.value for m in t) + "}")
-        p.add_argument(f"--{f.name}", **kw)
+        elif not f.metadata.get("choices"):
+            kw.update(metavar={int: "N", float: "X"}.get(t, "TEXT"))
+        groups.get(f.metadata.get("group", "general"), groups["general"]).add_argument(f"--{f.name}", **kw)
+    compat = p.add_argument_group(COMPAT_TITLE)
     for name, why in IGNORED_FLAGS.items():
+        kw = {"dest": f"_ignored_{name}", "default": None, "help": f"no effect: {why}"}
         if name in IGNORED_BOOL:
-            p.add_argument(f"--{name}", dest=f"_ignored_{name}", nargs="?", const="true", default=None,
-                           help=argparse.SUPPRESS)
-        else:
-            p.add_argument(f"--{name}", dest=f"_ignored_{name}", default=None, help=argparse.SUPPRESS)
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        compat.add_argument(f"--{name}", **kw)
     return p
 
 
@@ -66,12 +72,15 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        msgs = []
+        msgs, after_flag = [], False
         for u in unknown:
             if u.startswith("--"):
                 flag = u.split("=", 1)[0]
                 close = difflib.get_close_matches(flag, _known_flags(parser), n=1, cutoff=0.6)
                 msgs.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+                after_flag = "=" not in u
+            elif after_flag:  # the value of the unknown flag just named
+                after_flag = False
             else:
                 msgs.append(f"unexpected argument {u!r}")
         parser.error("; ".join(msgs))
@@ -98,6 +107,7 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
     try:
         cfg, notes = parse_config(argv)
     except ConfigError as exc:
@@ -120,13 +130,15 @@ def main(argv=None) -> int:
         return 130
     except TrainingError as exc:
         progress.close()
-        print(f"error: {exc}", file=sys.stderr)
+        if not progress.failed:
+            print(f"error: {exc}", file=sys.stderr)
         if exc.advice:
             print(f"advice: {exc.advice}", file=sys.stderr)
         return 1
-    except Exception as exc:  # model loading, dataset problems...
+    except Exception as exc:  # model loading, dataset problems...: the message says what to do, no traceback
         progress.close()
-        print(f"error: {exc}", file=sys.stderr)
+        if not progress.failed:  # the `failed` event already printed it
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     progress.close()
     print(f"done: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")

@@ -12,6 +12,7 @@ class CliProgress:
         self.bar = None
         self.loss = None  # the last loss read (every --log_every steps), shown until the next read
         self.val_loss = None  # the last validation loss (--validation_loss_images)
+        self.failed = False  # a `failed` event was printed (the CLI then does not print the error again)
 
     def __call__(self, ev: Event) -> None:
         from tqdm import tqdm
@@ -56,7 +57,8 @@ class CliProgress:
         elif t == "sample":
             self._write(f"samples at step {ev.step}: {', '.join(ev.images)}")
         elif t == "failed":
-            self._write(f"failed: {ev.error}")
+            self.failed = True
+            self._write(f"error: {ev.error}")
 
     def _write(self, msg: str) -> None:
         if self.bar is not None:
