@@ -15,6 +15,8 @@ from ..events import Checkpoint, Finished, Sample as SampleEvent
 from .errors import NONFINITE_ADVICE, TrainingError
 from .lora import load_peft_state_dict, peft_state_dict
 from .placeholders import replace_placeholders
+from generation.pipelines import RenderStopped
+
 from .validation import render_samples
 
 
@@ -86,13 +88,19 @@ def validate(t, step: int, final: bool = False) -> list[str]:
     t.comps.vae.to(t.accelerator.device)
     if t.text.offloaded:
         t.text.encoders_to(t.accelerator.device)
-    paths = render_samples(t.family, t.comps, prompt=prompt, num_images=cfg.num_validation_images,
-                           steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
-                           resolution=t.resolution, seed=t.seed, device=t.accelerator.device,
-                           out_dir=os.path.join(t.run_dir, "samples"),
-                           tag=f"final-step-{step}" if final else f"step-{step}", autocast=t.accelerator.autocast)
-    if t.text.offloaded:
-        t.text.encoders_to("cpu")
+    try:
+        paths = render_samples(t.family, t.comps, prompt=prompt, num_images=cfg.num_validation_images,
+                               steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
+                               resolution=t.resolution, seed=t.seed, device=t.accelerator.device,
+                               out_dir=os.path.join(t.run_dir, "samples"),
+                               tag=f"final-step-{step}" if final else f"step-{step}",
+                               autocast=t.accelerator.autocast, should_stop=t.stop.is_set)
+    except RenderStopped:  # a Stop does not wait for the rest of the sample images
+        t.status("samples", f"step {step}: sample images interrupted by Stop")
+        return []
+    finally:
+        if t.text.offloaded:
+            t.text.encoders_to("cpu")
     t.log.emit(SampleEvent(step=step, images=paths, prompt=prompt))
     return paths
 

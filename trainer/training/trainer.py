@@ -274,6 +274,11 @@ class Trainer:
                 acc.wait_for_everyone()
             if cfg.validation_prompt and step % cfg.validation_steps == 0 and step < total and not stopping:
                 finish.validate(self, step)
+                if self.stop.is_set():  # Stop pressed during the samples: keep this step, end now
+                    stopping = True
+                    if acc.is_main_process and step % cfg.checkpointing_steps != 0:
+                        finish.save(self, step)
+                    acc.wait_for_everyone()
             if stopping:
                 break
         stopped = step < total
