@@ -47,6 +47,7 @@ BAD = [
     ({"image_interpolation_mode": "cubic"}, "image_interpolation_mode"),
     ({"report_to": "mlflow"}, "report_to"),
     ({"center_crop": False, "cache_latents": True}, "cache_latents"),
+    ({"latent_cache_dir": __file__}, "latent_cache_dir"),
     ({"output_name": "../escape"}, "output_name"),
     ({"prodigy_d_coef": 0}, "prodigy_d_coef"),
     ({"not_an_option": 1}, "not_an_option"),

@@ -66,6 +66,8 @@ def field_errors(cfg) -> list[FieldError]:
     if cfg.cache_latents and not cfg.center_crop:
         e(FieldError("cache_latents", True, "a cached latent holds one crop: use --center_crop or turn off "
                                             "--cache_latents for random crops"))
+    if cfg.latent_cache_dir and os.path.exists(cfg.latent_cache_dir) and not os.path.isdir(cfg.latent_cache_dir):
+        e(FieldError("latent_cache_dir", cfg.latent_cache_dir, "is a file; give a folder (it is created if missing)"))
     if cfg.keep_tokens and not cfg.shuffle_tags:
         e(FieldError("keep_tokens", cfg.keep_tokens, "only used with --shuffle_tags true"))
     if cfg.push_to_hub and not cfg.hub_model_id:
