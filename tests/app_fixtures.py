@@ -132,3 +132,19 @@ def call(client, api_name, **kwargs):
         if not p.get("parameter_has_default") and p["parameter_name"] not in kwargs:
             kwargs[p["parameter_name"]] = None
     return client.predict(api_name=api_name, **kwargs)
+
+
+def status(client) -> dict:
+    """The app's /training_status for this client's session."""
+    return client.predict(api_name="/training_status")
+
+
+def wait_for(client, pred, timeout=120, what="condition"):
+    """Poll /training_status until ``pred(status)`` holds; the last status in the error on timeout."""
+    end, last = time.time() + timeout, None
+    while time.time() < end:
+        last = status(client)
+        if pred(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last status: {last}")

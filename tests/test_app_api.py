@@ -9,26 +9,13 @@ import urllib.request
 import pytest
 from gradio_client import Client, handle_file
 
-from app_fixtures import app_server, call, images, make_images  # noqa: F401  (fixtures)
+from app_fixtures import app_server, call, images, make_images, status, wait_for  # noqa: F401  (fixtures)
 from trainer.config import TrainConfig, coerce_field, load_preset
 
 
 def client_for(server) -> Client:
     return Client(server.url, verbose=False)
 
-
-def status(client) -> dict:
-    return client.predict(api_name="/training_status")
-
-
-def wait_for(client, pred, timeout=120, what="condition"):
-    end, last = time.time() + timeout, None
-    while time.time() < end:
-        last = status(client)
-        if pred(last):
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last status: {last}")
 
 
 def upload(client, paths):

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from gradio_client import Client, handle_file
 
-from app_fixtures import call, make_images, start_app, stop_app
+from app_fixtures import call, make_images, start_app, status, stop_app, wait_for
 from ui.allowlist import APP_FIELDS, OPERATOR_FIELDS, VISITOR_FIELDS
 
 SERVER_TOKEN = "hf_server_owner_secret_0123456789"
@@ -74,19 +74,6 @@ def api_params(client, name):
     return [p["parameter_name"] for p in
             client.view_api(print_info=False, return_format="dict")["named_endpoints"][name]["parameters"]]
 
-
-def status(client) -> dict:
-    return client.predict(api_name="/training_status")
-
-
-def wait_for(client, pred, timeout=180, what="condition"):
-    end, last = time.time() + timeout, None
-    while time.time() < end:
-        last = status(client)
-        if pred(last):
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last status: {last}")
 
 
 def server_token_seen(hub) -> list:
@@ -153,7 +140,7 @@ def test_extra_raw_values_set_nothing_and_the_server_token_is_never_spent(app, h
     text = urllib.request.urlopen(f"{app.url}/gradio_api/call/start_training/{event}", timeout=60).read().decode()
     assert "submitted" in text, text[:500]
     run_dir = os.path.join(app.root, "sessions", c.session_hash, "runs", "raw")
-    s = wait_for(c, lambda s: s["state"] in ("finished", "failed"), what="finish")
+    s = wait_for(c, lambda s: s["state"] in ("finished", "failed"), timeout=180, what="finish")
     assert s["state"] == "finished", s
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     assert cfg["push_to_hub"] is False and cfg["hub_model_id"] is None and cfg["report_to"] == "none"

@@ -96,22 +96,22 @@ def _listed(items: Iterable[str]) -> str:
     return ", ".join(f"`{i}`" for i in items)
 
 
+def _check_offered(name: Optional[str], offered: tuple[str, ...], what: str) -> str:
+    """The stripped model id when it is in ``offered`` (an operator's list); else :class:`VisitorError`."""
+    value = (name or "").strip()
+    if value not in offered:
+        raise VisitorError(f"The {what} `{value}` is not offered by this app. Pick one of: {_listed(offered)}.")
+    return value
+
+
 def check_base_model(name: Optional[str], policy: Policy) -> str:
     """The stripped base model id when it is on the operator's list; else :class:`VisitorError`."""
-    value = (name or "").strip()
-    if value not in policy.base_models:
-        raise VisitorError(f"The base model `{value}` is not offered by this app. Pick one of: "
-                           f"{_listed(policy.base_models)}.")
-    return value
+    return _check_offered(name, policy.base_models, "base model")
 
 
 def check_caption_model(name: Optional[str], policy: Policy) -> str:
     """The stripped captioning model id when it is on the operator's list; else :class:`VisitorError`."""
-    value = (name or "").strip()
-    if value not in policy.caption_models:
-        raise VisitorError(f"The captioning model `{value}` is not offered by this app. Pick one of: "
-                           f"{_listed(policy.caption_models)}.")
-    return value
+    return _check_offered(name, policy.caption_models, "captioning model")
 
 
 def check_request(values: Mapping, policy: Policy) -> None:
