@@ -8,10 +8,11 @@ import shutil
 import gradio as gr
 import pandas as pd
 
-from trainer import (ImageProblem, Record, bucket_histogram, check_dataset, collect_folder,
+from trainer import (ImageProblem, Record, bucket_histogram, check_dataset,
                      default_resolution_of_model, is_image_name, load_image, preset_info,
                      read_metadata_jsonl, write_metadata_jsonl)
-from uploads import safe_extract_zip, safe_filename
+from uploads.accept import too_many_files_problem
+from uploads.ingest import ingest_files
 
 from .allowlist import VisitorError, check_base_model, check_caption_model
 
@@ -83,108 +84,6 @@ def problems_table(problems: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PROBLEM_HEADERS)
 
 
-# Problems of a zip that leave the image in the dataset (shown as warnings, not as skipped files).
-_KEPT_CODES = frozenset({"caption_not_utf8", "caption_too_large", "unreadable_caption", "missing_caption_column",
-                         "bad_caption"})
-
-
-def ingest_files(paths: list[str], dest: str) -> tuple[list[str], list[dict], list[dict]]:
-    """Copies good images (and the images of zips) into ``dest``; bad files give one problem each and are dropped.
-
-    Returns ``(added paths, problems, notes)``: problems are dicts (file, code, severity, message, fix) with
-    severity "error" (file skipped) or "warning" (file kept); notes tell what was done to accepted files
-    (16-bit scaled, first frame of an animation, EXIF rotation, renamed...).
-    """
-    added, problems, notes = [], [], []
-    taken = {n.lower() for n in os.listdir(dest)}
-    for src in paths or []:
-        src = src if isinstance(src, str) else getattr(src, "name", str(src))
-        shown = os.path.basename(src)
-        if shown.lower().endswith(".zip"):
-            a, p, n = _ingest_zip(src, shown, dest)
-            added += a
-            problems += p
-            notes += n
-            taken = {n.lower() for n in os.listdir(dest)}
-            continue
-        try:
-            loaded = load_image(src)
-        except ImageProblem as e:
-            problems.append({"file": shown, "code": e.code, "severity": "error", "message": e.message, "fix": e.fix})
-            continue
-        name = safe_filename(shown, taken=taken)
-        taken.add(name.lower())
-        target = os.path.join(dest, name)
-        shutil.copyfile(src, target)
-        added.append(target)
-        file_notes = list(loaded.notes)
-        if name != shown:
-            file_notes.append(f"saved as '{name}'")
-        if file_notes:
-            notes.append({"file": shown, "message": "; ".join(file_notes)})
-    return added, problems, notes
-
-
-def _ingest_zip(src: str, shown: str, dest: str) -> tuple[list[str], list[dict], list[dict]]:
-    """Extracts a zip into a hidden staging folder, reads its metadata.jsonl / .txt captions, checks every image
-    and moves the good ones (with a .txt caption) into ``dest``. Problems name '<zip>: <entry>'."""
-    import tempfile
-
-    added, problems, notes = [], [], []
-
-    def prob(file, code, message, fix, severity="error"):
-        problems.append({"file": f"{shown}: {file}" if file != shown else shown, "code": code,
-                         "severity": severity, "message": message, "fix": fix})
-
-    staging = tempfile.mkdtemp(prefix=".zip-", dir=dest)
-    try:
-        res = safe_extract_zip(src, staging)
-        for p in res.problems:
-            prob(p.file, p.code, p.message, p.fix)
-        records, folder_probs = collect_folder(staging)
-        for p in folder_probs:
-            prob(p.file, p.code, p.message, p.fix, "warning" if p.code in _KEPT_CODES else "error")
-        captions: dict[str, str] = {}
-        for dirpath, _dirs, files in os.walk(staging):
-            if "metadata.jsonl" in files:
-                recs, meta_probs = read_metadata_jsonl(dirpath)
-                rel_dir = os.path.relpath(dirpath, staging)
-                for p in meta_probs:
-                    where = p.file if rel_dir == "." else f"{rel_dir}/{p.file}"
-                    prob(where, p.code, p.message, p.fix, "warning" if p.code in _KEPT_CODES else "error")
-                captions.update({os.path.realpath(r.path): r.caption for r in recs if r.caption is not None})
-        for rec in records:
-            rel = rec.source_name
-            try:
-                loaded = load_image(rec.path)
-            except ImageProblem as e:
-                prob(rel, e.code, e.message, e.fix)
-                continue
-            rel_dir = os.path.dirname(rel)
-            target_dir = os.path.join(dest, rel_dir) if rel_dir else dest
-            os.makedirs(target_dir, exist_ok=True)
-            name = safe_filename(os.path.basename(rel), taken={n.lower() for n in os.listdir(target_dir)})
-            target = os.path.join(target_dir, name)
-            os.replace(rec.path, target)
-            added.append(target)
-            caption = captions.get(os.path.realpath(rec.path), rec.caption)
-            if caption is not None:
-                with open(os.path.splitext(target)[0] + ".txt", "w", encoding="utf-8") as f:
-                    f.write(caption)
-            if loaded.notes:
-                notes.append({"file": f"{shown}: {rel}", "message": "; ".join(loaded.notes)})
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return added, problems, notes
-
-
-def _unlink(p: str) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
-
-
 def caption_template(concept: str) -> tuple[str, str]:
     """(concept understood by the captioner, template with {caption}/{trigger}) for a preset."""
     try:
@@ -254,14 +153,21 @@ def build(ctx) -> dict:
             hist = gr.HTML("", elem_id="ls-buckets")
 
     def refresh(ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
-        recs = read_records(folder)
-        return gallery_of(recs), table_of(recs)
+        sid = ctx.sid(ws_id, request)
+        recs = read_records(ctx.workspaces.uploads_dir(sid))
+        return ctx.served(sid, gallery_of(recs)), table_of(recs)
 
     def on_upload(files, ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
         before = {r.path: r.caption for r in read_records(folder)}
-        added, probs, notes = ingest_files(files or [], folder)
+        paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files or []]
+        if len(paths) > ctx.policy.max_upload_files:
+            added, probs, notes = [], [too_many_files_problem(len(paths), ctx.policy.max_upload_files)], []
+        else:
+            limit = ctx.policy.max_dataset_images
+            added, probs, notes = ingest_files(paths, folder, room=limit - len(before), limit=limit)
+        ctx.files.discard_uploads(paths)  # Gradio's own copies of the upload go once taken in (or refused)
         recs = read_records(folder)
         for r in recs:  # keep the captions the user already had
             if r.path in before and before[r.path]:
@@ -280,7 +186,7 @@ def build(ctx) -> dict:
         if notes:
             lines.append("**Notes:**")
             lines += [f"- `{n['file']}`: {n['message']}" for n in notes]
-        return None, gallery_of(recs), table_of(recs), "\n".join(lines), problems_table(probs)
+        return None, ctx.served(sid, gallery_of(recs)), table_of(recs), "\n".join(lines), problems_table(probs)
 
     def on_caption(model, concept, trigger, overwrite, ws_id, request: gr.Request, progress=gr.Progress()):
         concept_v, trigger_v, overwrite_v = concept, trigger, overwrite
@@ -353,9 +259,11 @@ def build(ctx) -> dict:
         return problems_table(found), histogram_html(h), msg
 
     def on_clear(ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
+        ctx.files.purge(sid)  # every served copy of the removed photos: their URLs answer 404 now
         return [], table_of([]), "Dataset cleared.", problems_table([])
 
     upload.upload(on_upload, [upload, ws], [upload, gallery, table, upload_msg, problems], api_name="upload_images")
