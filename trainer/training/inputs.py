@@ -133,7 +133,7 @@ class RunInputs:
                 status("data", f"read {item.index + 1} images")
             if store is None or blocked[0]:
                 return
-            if item.path and any(p.severity == "error" for p in size_problems(item.name, item.size, resolution)):
+            if any(p.severity == "error" for p in size_problems(item.name, item.size, resolution)):
                 blocked[0] = True  # training will not start: no VAE time for the rest, the checks go on
                 return
             t = time.time()
@@ -156,9 +156,10 @@ class RunInputs:
 
     def check(self, cfg: TrainConfig, resolution: int, tokenizer) -> list[str]:
         """Notes of the dataset checks at ``resolution`` (from the facts read once: no image is opened); raises
-        TrainingError when a problem blocks training. Images from a Hub dataset are not checked."""
+        TrainingError when a problem blocks training. In-memory images (a ``datasets`` dataset) are checked as
+        files are: their facts come from the same single decode."""
         t0 = time.time()
-        entries = [(it.name, it.caption, self.facts[it.index]) for it in self.items if it.path]
+        entries = [(it.name, it.caption, self.facts[it.index]) for it in self.items]
         problems = check_facts(entries, resolution=resolution,
                                trigger=cfg.abstractions[0] if cfg.abstractions else "", min_images=3,
                                tokenizer=tokenizer)
