@@ -103,8 +103,11 @@ def config_warnings(cfg) -> list[str]:
     if opt_ == Optimizer.prodigy and cfg.learning_rate < 0.1:
         w.append(f"--optimizer prodigy with --learning_rate {cfg.learning_rate}: Prodigy expects ~1.0 (it "
                  "estimates the step size itself); a small value makes it barely learn.")
-    if opt_ == Optimizer.prodigy and cfg.text_encoder_lr is not None and cfg.text_encoder_lr < 0.1:
-        w.append(f"--optimizer prodigy with --text_encoder_lr {cfg.text_encoder_lr}: use ~1.0 with Prodigy.")
+    if opt_ == Optimizer.prodigy and not cfg.use_8bit_adam and cfg.text_encoder_lr is not None \
+            and cfg.text_encoder_lr != cfg.learning_rate:
+        w.append(f"--optimizer prodigy takes one learning rate for every group: --text_encoder_lr "
+                 f"{cfg.text_encoder_lr} is ignored and the text parameters use --learning_rate "
+                 f"{cfg.learning_rate}, as in diffusers' script (Prodigy adapts the step size itself).")
     if opt_ in (Optimizer.adamw, Optimizer.adamw8bit) and cfg.learning_rate > 0.01:
         w.append(f"--optimizer {opt_.value} with --learning_rate {cfg.learning_rate}: that is Prodigy's value; "
                  "AdamW wants ~1e-4 (text: 3e-4 pivotal, 5e-5 full text encoder).")
