@@ -40,6 +40,11 @@ def field_errors(cfg) -> list[FieldError]:
         e(FieldError("dataset_name", cfg.dataset_name, "give either --dataset_name or --instance_data_dir, not both"))
     if cfg.instance_data_dir and not os.path.isdir(cfg.instance_data_dir):
         e(FieldError("instance_data_dir", cfg.instance_data_dir, "folder does not exist"))
+    data = cfg.instance_data_dir or (cfg.dataset_name if cfg.dataset_name and os.path.isdir(cfg.dataset_name) else None)
+    if data and cfg.output_dir and _inside(cfg.output_dir, data):
+        e(FieldError("output_dir", cfg.output_dir, "is the data folder (or inside it): the run's samples and "
+                                                   "checkpoints would be read as training images; give a folder "
+                                                   "outside the data"))
     if cfg.resolution is not None and cfg.resolution % 8:
         e(FieldError("resolution", cfg.resolution, "must be a multiple of 8 (e.g. 512, 768, 1024)"))
     if cfg.bucket_step % 8:
@@ -94,6 +99,12 @@ def field_errors(cfg) -> list[FieldError]:
     if cfg.output_name and (os.sep in cfg.output_name or cfg.output_name.startswith(".")):
         e(FieldError("output_name", cfg.output_name, "a plain file name without folders"))
     return errors
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def config_warnings(cfg) -> list[str]:

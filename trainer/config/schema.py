@@ -265,11 +265,12 @@ class TrainConfig:
         """defaults < preset < config file < overrides; then validated."""
         values: dict[str, Any] = {}
         file_values = load_config_file(config_file) if config_file else {}
-        preset = overrides.get("preset") or file_values.get("preset") or preset
+        # the explicit preset (a keyword, i.e. the command line's --preset) wins over a config file's preset:
+        preset = overrides.get("preset") or preset or file_values.get("preset")
         if preset:
             values.update(load_preset(preset))
             values["preset"] = preset
-        values.update(file_values)
+        values.update({k: v for k, v in file_values.items() if k != "preset"})
         values.update({k: v for k, v in overrides.items()})
         cfg = cls.from_dict(values)
         cfg.validate()

@@ -177,7 +177,8 @@ def _metadata_row(obj: dict, where: str, root: str, seen: set, caption_column: s
         return None
     if not is_image_name(rel):
         add(rel, "not_an_image", f"{where}: '{rel}' does not have an image extension "
-            f"({', '.join(f.lower() for f in ACCEPTED_FORMATS)}).", "Point file_name at an image file or convert the file.")
+            f"({', '.join(f.lower() for f in ACCEPTED_FORMATS)}).",
+            "Point file_name at an image file or convert the file.")
         return None
     if rel.casefold() in seen:
         add(rel, "duplicate_entry", f"{where}: '{rel}' is listed more than once; the first line was used.",
@@ -224,7 +225,8 @@ def _open_metadata(folder: PathLike, name: str, add):
     try:
         return root, open(meta, "rb")
     except OSError as e:
-        add(name, "missing_metadata", f"{name} could not be read ({e.strerror}).", "Check the file and upload it again.")
+        add(name, "missing_metadata", f"{name} could not be read ({e.strerror}).",
+            "Check the file and upload it again.")
         return root, None
 
 

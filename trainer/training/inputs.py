@@ -166,6 +166,9 @@ class RunInputs:
         self.seconds["checks"] += time.time() - t0
         blocking = [p for p in problems if p.severity == "error"]
         if blocking:
+            # the files skipped while reading (unreadable, unsupported...) are part of why too few images are left
+            skipped = [f"  {n[len('skipped '):]}" for n in self.ingest_notes if n.startswith("skipped ")]
             raise TrainingError("the dataset has problems:\n" + "\n".join(
-                f"  {p.file}: {p.message} Fix: {p.fix}" for p in blocking))
+                [f"  {p.file + ': ' if p.file else ''}{p.message} Fix: {p.fix}" for p in blocking]
+                + (["skipped while reading:"] + skipped if skipped else [])))
         return [f"{p.file}: {p.message}" for p in problems]
