@@ -261,23 +261,30 @@ def rename_trigger(folder: str, new: str) -> tuple[int, str]:
     return changed, old
 
 
-def lacking_trigger(records: list[Record], trigger: str) -> list[Record]:
-    """The records whose caption does not hold ``trigger`` as the trainer reads it (whole word, exact case)."""
+def lacking_trigger(records: list[Record], trigger: str, fallback: str = "") -> list[Record]:
+    """The records whose training caption does not hold ``trigger`` as the trainer reads it (whole word, exact
+    case); an empty caption trains on ``fallback`` (the instance prompt), as in the trainer."""
     from captioning.templates import contains_trigger
 
-    return [r for r in records if not contains_trigger(r.caption or "", trigger)]
+    return [r for r in records if not contains_trigger((r.caption or "").strip() or fallback, trigger)]
 
 
-def add_trigger(folder: str, concept: str, trigger: str) -> int:
-    """Puts ``trigger`` into every caption that lacks it, by the concept's caption template (the captioner's
-    rule: 'a photo of TOK, <caption>', '<caption>, in the style of TOK'). Returns how many were changed."""
-    from captioning.templates import apply_trigger
+def add_trigger(folder: str, concept: str, trigger: str, fallback: str = "") -> int:
+    """Puts ``trigger`` into every caption that lacks it: an old trigger word (the one recorded, or ``TOK``) is
+    renamed, else the concept's caption template adds it (the captioner's rule: 'a photo of TOK, <caption>',
+    '<caption>, in the style of TOK'). Returns how many captions were changed."""
+    from captioning.templates import apply_trigger, contains_trigger
 
+    trigger = (trigger or "").strip()
     recs = read_records(folder)
-    todo = lacking_trigger(recs, trigger)
+    todo = lacking_trigger(recs, trigger, fallback)
     cap_concept, tmpl = caption_template(concept)
+    olds = [w for w in dict.fromkeys([captions_trigger(folder), "TOK"]) if w != trigger]
     for r in todo:
-        r.caption = apply_trigger(r.caption or "", cap_concept, trigger=trigger, template=tmpl)
+        text = r.caption or ""
+        old = next((w for w in olds if contains_trigger(text, w)), None)
+        r.caption = replace_word(text, old, trigger) if old else apply_trigger(text, cap_concept, trigger=trigger,
+                                                                               template=tmpl)
     if todo:
         save_records(folder, recs)
     record_trigger(folder, trigger)

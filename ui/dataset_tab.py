@@ -13,7 +13,7 @@ from .allowlist import VisitorError, check_base_model, check_caption_model
 # the dataset on disk lives in dataset_files.py; these names stay importable from here
 from .dataset_files import (PROBLEM_HEADERS, TABLE_HEADERS, caption_template, cards_of, gallery_of,  # noqa: F401
                             ingest_files, list_images, load_problems, problems_table, read_records,
-                            save_problems, save_records, table_of)
+                            record_trigger, rename_trigger, save_problems, save_records, table_of)
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
 
@@ -54,6 +54,7 @@ def build(ctx) -> dict:
     table = gr.Dataframe(headers=TABLE_HEADERS, column_count=2, interactive=True, label="Captions",
                          elem_id="ls-captions", visible=False)
     cards = gr.State([])
+    ctx.components["dataset_cards"] = cards  # the Train tab's one-click trigger fix redraws them
     with gr.Row():
         cap_model = gr.Textbox(ctx.policy.caption_models[0], label="Captioning model",
                                info="One of this app's captioning models: " + ", ".join(ctx.policy.caption_models) + ".",
@@ -133,6 +134,7 @@ def build(ctx) -> dict:
         for r, c in zip(todo, caps):
             r.caption = c
         save_records(folder, recs)
+        record_trigger(folder, (trigger_v or "TOK").strip())  # what a later trigger change rewrites
         return table_of(recs), f"Captioned {len(todo)} image(s) with `{model}`.", cards_of(recs)
 
     def on_save(captions, ws_id, request: gr.Request):
@@ -176,6 +178,17 @@ def build(ctx) -> dict:
             msg = f"{'**Errors found:**' if errors else '**Warnings:**'} {len(recs)} images: {errors} error(s), {warns} warning(s)."
         return problems_table(found), histogram_html(h), msg
 
+    def on_trigger(trigger_v, ws_id, request: gr.Request):
+        """A new trigger word rewrites the captions written with the old one (whole words), shown at once."""
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        new = (trigger_v or "").strip()
+        changed, old = rename_trigger(folder, new)
+        if not changed:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        recs = read_records(folder)
+        msg = f"Trigger word changed from `{old}` to `{new}`: **{changed}** caption(s) rewritten (see below)."
+        return cards_of(recs), gallery_of(recs), table_of(recs), msg
+
     def on_clear(ws_id, request: gr.Request):
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
         shutil.rmtree(folder, ignore_errors=True)
@@ -190,6 +203,8 @@ def build(ctx) -> dict:
     check_btn.click(on_check, [ctx.components["base_model"], trigger, ws], [problems, hist, check_msg],
                     api_name="check_dataset")
     clear_btn.click(on_clear, [ws], [gallery, table, upload_msg, problems, cards], api_name="clear_dataset")
+    gr.on([trigger.blur, trigger.submit], on_trigger, [trigger, ws], [cards, gallery, table, check_msg],
+          api_name="rename_trigger")
     list_ev = gr.Button(visible=False)
     list_ev.click(refresh, [ws], [gallery, table], api_name="list_dataset")
 
