@@ -15,6 +15,7 @@ from enum import Enum
 
 from .cli_help import COMPAT_TITLE, EXAMPLES, StudioParser, field_help, make_groups, quiet_libraries
 from .config import ConfigError, FieldError, TrainConfig, field_type, available_presets
+from .config.run_folder import output_dir_problem
 
 # Flags of diffusers' script accepted for compatibility, with why they change nothing here.
 IGNORED_FLAGS = {
@@ -112,6 +113,10 @@ def main(argv=None) -> int:
         cfg, notes = parse_config(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    busy = output_dir_problem(cfg)  # the command line never writes a new run over another one
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
         return 2
     for n in notes + cfg.warnings():
         print(n, file=sys.stderr)
