@@ -113,7 +113,10 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for n in notes + cfg.warnings():
+    from . import distributed
+
+    main_rank = distributed.is_main()  # under torchrun / accelerate launch only rank 0 prints notes and the bar
+    for n in (notes + cfg.warnings()) if main_rank else []:
         print(n, file=sys.stderr)
     from .api import train
     from .training.errors import TrainingError
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 1
     progress.close()
+    if not main_rank:
+        return 0
     print(f"done: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
     for k, v in result.artifacts.items():
         print(f"  {k}: {v}")
