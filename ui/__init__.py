@@ -92,7 +92,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
               policy: Optional[Policy] = None):
     """Returns ``(demo, launch_kwargs)``; ``policy`` holds the operator's choices for visitors."""
     from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
-    from .theme import make_theme
+    from .theme import STUDIO_CSS, make_theme
 
     workspaces = Workspaces(root, max_idle_s=max_idle_s)
     engine = EngineHolder()
@@ -147,7 +147,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
 
     launch_kwargs = dict(
         theme=make_theme(),
-        css=CSS,
+        css=CSS + STUDIO_CSS,
         allowed_paths=[guard_root],
         app_kwargs={"middleware": [Middleware(SessionFileGuard, protected=guard_root)]},
         footer_links=["api"],

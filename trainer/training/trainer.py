@@ -21,6 +21,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..data.buckets import nearest_bucket
+from ..config.run_folder import settle_seed
 from ..data.sources import collect_records
 from ..data.sampler import BucketBatchSampler, compute_total_steps
 from ..events import EventLog, Failed, Started, Status, Step, ValidationLoss
@@ -88,15 +89,22 @@ class Trainer:
         """Everything before the first step: data, model, adapters, optimizer, resume, caches."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
+        seed_note = None
+        if cfg.seed is None:  # chosen once, saved in config.json, reused on resume; every rank takes rank 0's
+            cfg, seed_note = settle_seed(cfg, self.run_dir)
+            if acc.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                cfg = cfg.replace(seed=broadcast_object_list([cfg.seed])[0])
+            self.cfg = cfg
         self.started_at = time.time()  # the kohya metadata's ss_training_started_at
         self.world, self.rank = acc.num_processes, acc.process_index
         if acc.is_main_process:
             cfg.save(os.path.join(self.run_dir, "config.json"))
-        notes = self.extra_notes + list(cfg.warnings())
-        if cfg.seed is not None:
-            torch.manual_seed(cfg.seed)
-            np.random.seed(cfg.seed % 2**32)
-        self.seed = seed = cfg.seed if cfg.seed is not None else int(time.time())
+        notes = self.extra_notes + list(cfg.warnings()) + ([seed_note] if seed_note else [])
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.seed = seed = cfg.seed
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -228,6 +236,14 @@ class Trainer:
     def train_steps(self, start: int, total: int) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
+        seed_note = None
+        if cfg.seed is None:  # chosen once, saved in config.json, reused on resume; every rank takes rank 0's
+            cfg, seed_note = settle_seed(cfg, self.run_dir)
+            if acc.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                cfg = cfg.replace(seed=broadcast_object_list([cfg.seed])[0])
+            self.cfg = cfg
         accum = cfg.gradient_accumulation_steps
         self.comps.unet.train()
         if self.te_lora and self.text_trainable:
