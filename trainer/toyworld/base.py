@@ -25,16 +25,18 @@ from .vae import build_vae, encode
 TOY_SDXL = "toy-sdxl"
 WORDS = ("a photo of the on an red green blue yellow circle square triangle plus shape painting beach").split()
 TIME_IDS = (SIZE, SIZE, 0, 0, SIZE, SIZE)
-SETTINGS = dict(steps=600, batch=64, lr=1e-3, warmup=50, n_each=260, seed=0)
+SETTINGS = dict(steps=300, batch=64, lr=2e-3, warmup=30, n_each=260, seed=0)
+
+
+BUILD_SOURCES = ("render.py", "vae.py", "judge.py", "base.py", "../clip_vocab.py")
 
 
 def toy_cache_name() -> str:
-    """``toy-sdxl-<hash>``: the hash of this package's sources, the vocabulary module and the settings."""
+    """``toy-sdxl-<hash>``: the hash of the settings and of the sources the build runs (``BUILD_SOURCES``)."""
     h = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode())
     here = os.path.dirname(os.path.abspath(__file__))
-    files = sorted(f for f in os.listdir(here) if f.endswith(".py"))
-    for path in [os.path.join(here, f) for f in files] + [os.path.join(here, "..", "clip_vocab.py")]:
-        with open(path, "rb") as f:
+    for name in BUILD_SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     return f"{TOY_SDXL}-{h.hexdigest()[:12]}"
 
@@ -69,9 +71,14 @@ def _scheduler():
                                   steps_offset=1)
 
 
-def encode_prompts(encoders, tok, prompts: list[str]):
+def encode_prompts(encoders, tok, prompts: list[str], ids_cache: dict | None = None):
     """(prompt_embeds [N, 77, 64], pooled [N, 32]) exactly as StableDiffusionXLPipeline.encode_prompt computes them."""
-    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    if ids_cache is None:
+        ids_cache = {}
+    for p in prompts:
+        if p not in ids_cache:  # the tokenizer is pure Python: once per caption, not per step
+            ids_cache[p] = tok([p], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = torch.cat([ids_cache[p] for p in prompts])
     embeds, pooled = [], None
     for te in encoders:
         out = te(ids, output_hidden_states=True)
@@ -101,14 +108,14 @@ def pretrain(unet, encoders, tok, latents, labels, steps: int, batch: int, lr: f
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch, 1)
-    losses = []
+    losses, ids_cache = [], {}
     for m in [unet, *encoders]:
         m.train()
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         caps = _captions([labels[i] for i in idx.tolist()], rng)
         uniq = sorted(set(caps))
-        embeds, pooled = encode_prompts(encoders, tok, uniq)
+        embeds, pooled = encode_prompts(encoders, tok, uniq, ids_cache)
         pick = torch.tensor([uniq.index(c) for c in caps])
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)

@@ -44,7 +44,7 @@ def _data(vae, n_each: int, seed: int):
     return lat, cy, sy
 
 
-def train_judge(vae, steps: int = 600, n_each: int = 120, noise: float = 0.3, seed: int = 0) -> tuple[Judge, dict]:
+def train_judge(vae, steps: int = 400, n_each: int = 100, noise: float = 0.3, seed: int = 0) -> tuple[Judge, dict]:
     """(judge, {"colour_acc", "shape_acc"} on held-out renders)."""
     torch.manual_seed(seed)
     lat, cy, sy = _data(vae, n_each, seed + 1)
