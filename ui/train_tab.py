@@ -14,6 +14,8 @@ import pandas as pd
 from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
                      replace_word)
 
+from trainer.families.loading import without_paths
+
 from . import jobs as J
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
 from .dataset_files import add_trigger, cards_of, lacking_trigger, read_records, rename_trigger, save_records
@@ -164,7 +166,8 @@ def summarize(view: dict) -> dict:
             log.append("[stopped] checkpoint kept; Resume continues from it" if e.get("stopped")
                        else f"[finished] step {e.get('step')}: " + ", ".join(sorted(e.get("artifacts", {}))))
         elif t == "failed":
-            log.append(f"[failed] {e.get('error')}" + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
+            log.append(f"[failed] {without_paths(str(e.get('error')))}"
+                       + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
         elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
             log.append(f"step {e.get('step')}/{e.get('total')} loss {'-' if loss is None else round(loss, 4)}")
     return {
@@ -174,7 +177,8 @@ def summarize(view: dict) -> dict:
         "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
         "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
         "samples": samples, "log": log[-200:],
-        "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
+        "error": next((without_paths(str(e.get("error"))) for e in reversed(view["events"])  # no server folder
+                       if e.get("type") == "failed"), None),
     }
 
 
@@ -340,7 +344,7 @@ def build(ctx) -> dict:
                 with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
                     cfg = TrainConfig.from_dict(json.load(f))
             except (OSError, ValueError, ConfigError) as e:
-                return [f"**Error:** Cannot read the run's config: {e}"] + view_outputs(sid)
+                return [f"**Error:** Cannot read the run's config: {without_paths(str(e))}"] + view_outputs(sid)
         if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
             return ["**Error:** This run has no checkpoint yet; start it again instead."] + view_outputs(sid)
         state, history = J.run_state_from_disk(run_dir)
