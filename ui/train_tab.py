@@ -16,7 +16,7 @@ from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step
 
 from . import jobs as J
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
-from .dataset_tab import read_records, save_records
+from .dataset_files import add_trigger, cards_of, lacking_trigger, read_records, rename_trigger, save_records
 from .sessions import safe_run_name
 from .train_view import _fmt_time, loss_frame, lr_md, progress_html  # noqa: F401 (loss_frame: tests)
 
@@ -213,6 +213,7 @@ def build(ctx) -> dict:
         stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop")
         resume_btn = gr.Button("Resume", elem_id="ls-resume")
     status = gr.Markdown("", elem_id="ls-train-status")
+    fix_btn = gr.Button("Add the trigger to the captions", visible=False, variant="primary", elem_id="ls-fix-trigger")
     progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
     lr_box = gr.Markdown("", elem_id="ls-lr")
     with gr.Row():
@@ -249,14 +250,21 @@ def build(ctx) -> dict:
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
         brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
-        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), s["samples"], brief, gr.Timer(active=active)]
+        shown = ctx.served(sid, s["samples"])  # the session's own copies (ui/file_guard.py)
+        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), shown, brief, gr.Timer(active=active)]
 
     view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
 
-    def start(run_name_v, concept_v, trigger_v, base_v, *args):
+    def start(*args):
+        out = _start(*args)
+        fix = out.pop() if len(out) > len(view_comps) + 1 else None
+        return out + [gr.update(visible=True, value=fix) if fix else gr.update(visible=False)]
+
+    def _start(run_name_v, concept_v, trigger_v, base_v, *args):
         *vals, ws_id, request = args
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
+        rename_trigger(folder, (trigger_v or "TOK").strip())  # a trigger typed just before Start (blur races)
         recs = read_records(folder)
         if not recs:
             return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
@@ -271,6 +279,15 @@ def build(ctx) -> dict:
             for k in ("instance_prompt", "validation_prompt", "class_prompt"):
                 if isinstance(values.get(k), str):
                     values[k] = replace_word(values[k], "TOK", trig)
+        if values.get("train_text_encoder_ti"):
+            # Pivotal tuning learns the trigger from the captions: one without it never teaches the new tokens.
+            missing = lacking_trigger(recs, trig, values.get("instance_prompt") or "")
+            if missing:
+                names = ", ".join(f"`{r.source_name}`" for r in missing[:3]) + (" ..." if len(missing) > 3 else "")
+                return [f"**Error:** {len(missing)} of {len(recs)} caption(s) do not contain the trigger word "
+                        f"`{trig}` ({names}). Pivotal tuning learns `{trig}` from the captions, so these images "
+                        f"would never teach it. Click the button below to add it, or edit the captions in the "
+                        "Dataset tab."] + view_outputs(sid) + [f"Add '{trig}' to {len(missing)} caption(s)"]
         name = safe_run_name(run_name_v)
         run_dir, n = ctx.workspaces.run_dir(sid, name), 2
         while os.path.exists(run_dir):
@@ -346,8 +363,20 @@ def build(ctx) -> dict:
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
          for n in ["run_name", "concept", "trigger", "base_model"] + ADV_NAMES + ["ws", "request"]])
     start.__annotations__ = {"request": gr.Request}
-    start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws], [status] + view_comps,
-                    api_name="start_training")
+    start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws],
+                    [status] + view_comps + [fix_btn], api_name="start_training")
+
+    def fix_captions(concept_v, trigger_v, instance_prompt_v, ws_id, request: gr.Request):
+        """The one-click fix of a refused Start: the trigger goes into every caption that lacks it."""
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        trig = (trigger_v or "TOK").strip()
+        fallback = replace_word(instance_prompt_v or "", "TOK", trig)
+        n = add_trigger(folder, concept_v, trig, fallback)
+        return (f"Added `{trig}` to {n} caption(s) (see the Dataset tab). Press Start training again.",
+                gr.update(visible=False), cards_of(read_records(folder)))
+
+    fix_btn.click(fix_captions, [concept, trigger, comps["instance_prompt"], ws],
+                  [status, fix_btn, ctx.components["dataset_cards"]], api_name="add_trigger_to_captions")
     stop_btn.click(stop, [ws], [status] + view_comps, api_name="stop_training")
     resume_btn.click(resume, [ws], [status] + view_comps, api_name="resume_training")
     timer.tick(poll, [ws], view_comps, api_visibility="private", show_progress="hidden")

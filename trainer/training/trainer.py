@@ -1,7 +1,8 @@
 """The training run: setup -> steps -> finish, under accelerate (one process, or ``accelerate launch`` /
-``torchrun`` data parallel: each rank takes its slice of one global batch; gradients are averaged with an
-explicit all-reduce, because the trainable parameters live in three modules and the text ones leave training at
-the pivot, which DDP wrappers handle poorly).
+``torchrun`` data parallel: each rank takes its slice of one global batch; a step is one global batch;
+gradients are averaged with explicit all-reduces in ~25 MB buckets (``distributed.average_gradients``), because
+the trainable parameters live in three modules and the text ones leave training at the pivot, which DDP wrappers
+handle poorly). Only rank 0 writes the run folder and forwards events (progress bar, notes).
 
 The work is done by the role modules: ``setup`` (data, model, trainable parameters), ``batches``, ``caches``,
 ``step`` and ``finish`` (checkpoints, samples, export). This class holds the state they share.
@@ -78,8 +79,10 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = setup.make_accelerator(self.cfg, self.run_dir)
         self.scaler = self.accelerator.scaler  # fp16 on a GPU: accelerate's GradScaler; None otherwise
-        self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event,
-                            enabled=self.accelerator.is_main_process)
+        main = self.accelerator.is_main_process
+        # rank 0 alone writes events.jsonl and forwards events: one progress bar and one set of notes, not N
+        self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event if main else None,
+                            enabled=main)
         return self
 
     def setup(self) -> None:
@@ -130,7 +133,8 @@ class Trainer:
         self.item_buckets = item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
         self.sampler = BucketBatchSampler(item_buckets, repeats=cfg.repeats, batch_size=cfg.train_batch_size * self.world,
                                           seed=seed, random_flip=cfg.random_flip)
-        self.total, self.steps_per_epoch = compute_total_steps(cfg, len(items), self.sampler.batches_per_epoch())
+        self.total, self.steps_per_epoch = compute_total_steps(cfg, len(items), self.sampler.batches_per_epoch(),
+                                                                   self.world)
         self.pivot_step = max(1, int(cfg.train_text_encoder_ti_frac * self.total)) if self.pivotal else 0
         self.te_stop_step = max(1, int(cfg.train_text_encoder_frac * self.total)) if self.te_lora else 0
         self.optimizer = build_optimizer(cfg, groups)
@@ -218,6 +222,14 @@ class Trainer:
             self.comps.unet.train()
         self.log.emit(ValidationLoss(step=step, loss=loss))
 
+    def checkpoint(self, step: int) -> None:
+        """Checkpoint ``step``: every rank first agrees that the weights are finite (a NaN seen by one rank stops
+        them all with the error, instead of leaving the others waiting), then rank 0 saves and all wait."""
+        finish.agree_finite(self, step)
+        if self.accelerator.is_main_process:
+            finish.save(self, step)
+        self.accelerator.wait_for_everyone()
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
@@ -279,16 +291,13 @@ class Trainer:
             if step % cfg.validation_loss_every == 0 or step == total:
                 self.validation_loss(step)
             if (step % cfg.checkpointing_steps == 0 or stopping) and step < total:
-                if acc.is_main_process:
-                    finish.save(self, step)
-                acc.wait_for_everyone()
+                self.checkpoint(step)
             if cfg.validation_prompt and step % cfg.validation_steps == 0 and step < total and not stopping:
                 finish.validate(self, step)
                 if self.stop.is_set():  # Stop pressed during the samples: keep this step, end now
                     stopping = True
-                    if acc.is_main_process and step % cfg.checkpointing_steps != 0:
-                        finish.save(self, step)
-                    acc.wait_for_everyone()
+                    if step % cfg.checkpointing_steps != 0:
+                        self.checkpoint(step)
             if stopping:
                 break
         stopped = step < total
