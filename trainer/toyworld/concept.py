@@ -52,7 +52,7 @@ def toy_settings(data_dir: str, output_dir: str, **overrides) -> dict:
     values = dict(
         preset="object", pretrained_model_name_or_path="toy-sdxl", instance_data_dir=data_dir,
         output_dir=output_dir, resolution=64, max_train_steps=300, rank=4, optimizer="adamw",
-        learning_rate=2e-4, text_encoder_lr=1e-2, train_text_encoder_ti=True, train_text_encoder_ti_frac=0.5,
+        learning_rate=4e-4, text_encoder_lr=3e-2, train_text_encoder_ti=True, train_text_encoder_ti_frac=0.5,
         checkpointing_steps=10 ** 6, validation_prompt=None, seed=0, save_precision="fp32")
     values.update(overrides)
     return values
