@@ -13,8 +13,11 @@ STATUS (2026-12-02, 2 CPU cores under load): measured on the cached toy-sdxl (bo
 settings (AdamW UNet 4e-4 / tokens 3e-2, rank 4, 300 steps, train 31 s, scoring 32 s): base "a photo of TOK"
 yellow 0/32 (threshold < 0.10), "a photo of <s0><s1>" yellow 32/32 (>= 0.80), the LoRA with TOK as text 0/32
 (drop 1.00 >= 0.40), prior "a photo of a red circle" red 29/32 = 0.906 (>= 0.90: ONE seed of margin, likely
-flaky), base prior 32/32. Prior preservation, the kohya/engine paths and the mutation checks have not yet been
-seen to pass or fail here, so the module runs only with LORA_STUDIO_LEARNING_TESTS=1.
+flaky), base prior 32/32. One full run of this module (177 s, build cached): 7 passed (concept, tokens, prior,
+prior preservation, mutations: tokens ignored, time ids off, embeddings not loaded); 3 failed: the engine gave
+24/32 where the diffusers file gave 32/32 (the kohya file matched), and both scale-0 tests fail because a run
+folder makes the engine load the embeddings, so its scale-0 prompt is not the base's (the test's fault, not yet
+fixed). So the module runs only with LORA_STUDIO_LEARNING_TESTS=1.
 """
 from __future__ import annotations
 
