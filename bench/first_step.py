@@ -167,7 +167,10 @@ def main(argv=None) -> int:
                    "memory is available (the real SDXL in bf16 needs ~16 GiB for the run that loads it twice)")
     p.add_argument("--before", help="root of the other checkout (without it only this checkout is measured)")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--json", help="write the runs and the ratio here")
+    p.add_argument("--json", help="write the runs (after each) and the ratio here")
+    p.add_argument("--no-warm", action="store_true", help="leave out the 'after, warm' runs")
+    p.add_argument("--first-round", type=int, default=0, help="number of the first round (odd: after first), "
+                   "to go on with a series")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_phases_ok", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
@@ -180,15 +183,18 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="first-step-")
     runs: dict[str, list] = {"before": [], "after": [], "after, warm": []}
     try:
-        for r in range(args.rounds):
+        for r in range(args.first_round, args.first_round + args.rounds):
             order = [("before", args.before), ("after", ROOT)] if args.before else [("after", ROOT)]
             if r % 2:
                 order.reverse()
             for label, root in order:
                 data = os.path.join(work, f"data-{label}-{r}")
                 runs[label].append(run_child(root, data, args, os.path.join(work, f"out-{label}-{r}")))
-                if label == "after":
+                if label == "after" and not args.no_warm:
                     runs["after, warm"].append(run_child(root, data, args, os.path.join(work, f"warm-{r}")))
+                if args.json:  # after every run: a long series stopped half-way keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"runs": runs, "args": vars(args)}, f, indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("| checkout | model | res | start to first step: wall s (each) | CPU s | from_pretrained per component "
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
     if runs["before"]:
         b = statistics.median(x["seconds"] for x in runs["before"])
         bc = statistics.median(x["cpu_seconds"] for x in runs["before"])
-        for label in ("after", "after, warm"):
+        for label in [k for k in ("after", "after, warm") if runs[k]]:
             ratios[f"wall before/{label}"] = b / statistics.median(x["seconds"] for x in runs[label])
             ratios[f"CPU before/{label}"] = bc / statistics.median(x["cpu_seconds"] for x in runs[label])
         for k, v in ratios.items():

@@ -39,6 +39,65 @@ class Events:
 
 
 @contextlib.contextmanager
+def watch_scaler(cpu_standin: bool):
+    """Sees the fp16 GradScaler our trainer steps through (``Trainer.scaler``, accelerate's; its optimizer steps go
+    through ``training.step.apply_gradients``) and yields a dict: ``steps`` through a scaler, ``unscaled`` steps
+    without one, the scaler's ``init``/``final`` scale. No read per step (``get_scale`` waits for the GPU): the
+    final scale is read once after the run. accelerate makes a GradScaler for fp16 on a GPU only; with
+    ``cpu_standin`` (the dry run) a ``torch.amp.GradScaler("cpu")`` stands in for it, as in
+    tests/test_precision_paths.py, so the same unscale / clip / step / update calls run."""
+    import torch
+
+    from trainer.training import trainer as trainer_mod
+
+    seen: dict = {"steps": 0, "unscaled": 0, "standin": False, "init": None, "final": None}
+    scalers: list = []
+    cls, orig_open, orig_apply = trainer_mod.Trainer, trainer_mod.Trainer.open, trainer_mod.apply_gradients
+
+    def open_(self):
+        out = orig_open(self)
+        if cpu_standin and self.scaler is None and "fp16" in str(self.cfg.mixed_precision):
+            self.scaler, seen["standin"] = torch.amp.GradScaler("cpu"), True
+        return out
+
+    def apply(params, *, scaler=None, **kw):
+        out = orig_apply(params, scaler=scaler, **kw)
+        if scaler is None:
+            seen["unscaled"] += 1
+        else:
+            seen["steps"] += 1
+            if not scalers or scalers[-1] is not scaler:
+                scalers.append(scaler)
+        return out
+
+    cls.open, trainer_mod.apply_gradients = open_, apply
+    try:
+        yield seen
+    finally:
+        cls.open, trainer_mod.apply_gradients = orig_open, orig_apply
+        if scalers:
+            seen["init"], seen["final"] = float(scalers[-1]._init_scale), float(scalers[-1].get_scale())
+
+
+def describe_scaler(seen: dict, where: str) -> str:
+    """The fp16 path line from ``watch_scaler``'s record: ok when every optimizer step went through a scaler.
+    With the default growth interval (2000 steps) the scale cannot grow in a short run, so each halving of it is
+    one overflowed step the scaler skipped."""
+    if not seen["steps"]:
+        return (f"FAILED: no GradScaler in {seen['unscaled']} fp16 optimizer steps on {where} (accelerate made "
+                "none; fp16 gradients under ~6e-8 would flush to zero)")
+    import math
+
+    halvings = round(math.log2(seen["init"] / seen["final"])) if seen["final"] else None
+    skipped = ("" if halvings is None else ", no overflowed step" if halvings == 0
+               else f", {halvings} overflowed step(s) skipped" if halvings > 0 else ", scale grew")
+    who = "a CPU GradScaler standing in for accelerate's" if seen["standin"] else "accelerate's GradScaler"
+    return (f"{'FAILED' if seen['unscaled'] else 'ok'}: {seen['steps']} optimizer steps through {who} on {where}, "
+            f"scale {seen['init']:g} -> {seen['final']:g}{skipped}"
+            + (f"; {seen['unscaled']} steps without it" if seen["unscaled"] else ""))
+
+
+@contextlib.contextmanager
 def compile_backend(name: str):
     """``torch.compile`` with ``backend=name`` while the block runs (the trainer calls plain torch.compile);
     yields a dict that gets dynamo's graph and graph-break counts at the end. The CPU dry run uses "eager":
@@ -81,6 +140,15 @@ class _Recompiles(logging.Handler):
             self.into.append("; ".join(reasons)[:200] or text.splitlines()[-1][:200])
 
 
+def bnb_import_error() -> str | None:
+    """Why ``import bitsandbytes`` fails here (type and first line), or None when it imports."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CUDA library the (cut) wheel lacks
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+    return None
+
+
 def measured_matmul_flops(n: int = 8192, reps: int = 20) -> float:
     """This GPU's bf16 matrix-product rate now (median of ``reps`` n x n x n products on random data, timed with
     CUDA events): the ceiling MFU is also read against, next to the datasheet peak."""
@@ -100,6 +168,33 @@ def measured_matmul_flops(n: int = 8192, reps: int = 20) -> float:
     del a, b
     torch.cuda.empty_cache()
     return 2 * n ** 3 / statistics.median(times)
+
+
+#: What bench/gpu_wheels.sh carries at constraints.txt's versions (bitsandbytes is GPU only: not pinned there).
+CARRIED = ("diffusers", "transformers", "peft", "prodigyopt", "regex")
+
+
+def constraint_mismatches(constraints: str, names=CARRIED) -> list[str]:
+    """One line per package of ``names`` whose version here is not the one ``constraints`` pins (a wheel that did
+    not install, or an older copy first on the path), so a table is never read as taken at the pinned versions
+    when it was not."""
+    import importlib.metadata as md
+
+    pins = {}
+    with open(constraints, encoding="utf-8") as fh:
+        for line in fh:
+            name, sep, version = line.split("#", 1)[0].strip().partition("==")
+            if sep:
+                pins[name.strip().lower()] = version.strip()
+    out = []
+    for name in names:
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            have = "absent"
+        if name in pins and have != pins[name]:
+            out.append(f"{name} {have} here, constraints.txt pins {pins[name]}")
+    return out
 
 
 def versions() -> dict:

@@ -26,7 +26,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import train_speed as ts  # noqa: E402
-from bench.gpu_checks import Events, compile_backend, measured_matmul_flops, versions  # noqa: E402
+from bench.gpu_checks import (Events, bnb_import_error, compile_backend, constraint_mismatches,  # noqa: E402
+                              describe_scaler, measured_matmul_flops, versions, watch_scaler)
 
 FAKE_REFERENCE = os.path.join(ROOT, "tests", "fixtures", "fake_reference.py")
 # The goal the table is read against (issue #16): on the same GPU, ours at >= 1.5x the reference's steps/s and
@@ -38,6 +39,9 @@ PATHS = ["offload after the pivot", "compile_unet", "bf16 engine + LoRA", "fp16 
          "gradient checkpointing"]
 COLUMNS = ["run", "steps/s", "images/s", "peak memory", "MFU", "notes"]
 COMPILE_NEEDS_S = 150  # inductor's compile of the SDXL UNet's forward + backward, and the row's steps
+# A GPU machine where the cut bitsandbytes wheel does not load: the second call that brings the published one.
+BNB_FULL_HINT = ("bring the published wheel: BNB_FULL=1 bash bench/gpu_wheels.sh .whl-full, then bash "
+                 "bench/gpu_table.sh --wheels .whl-full --rows 'ours + 8-bit AdamW' (carry .whl-full)")
 ADAMW8BIT = {"optimizer": "adamw8bit", "learning_rate": 1e-4, "text_encoder_lr": 3e-4}  # AdamW's usual lrs
 
 
@@ -101,6 +105,20 @@ def result_row(r: dict, flops, peak, cuda: bool, notes: str = "") -> dict:
     return row
 
 
+def adamw8bit_outcome(r: dict, cuda: bool, bnb: str | None) -> str:
+    """The 8-bit AdamW path line; turns the trainer's refusal (``--optimizer adamw8bit needs ...``) into a skip
+    that says why: on a CPU, CUDA only; on a GPU, bitsandbytes did not import (``bnb``), and how to bring it."""
+    if "error" in r and "adamw8bit needs" in r["error"]:  # the trainer refused it, in its words
+        said = r.pop("error").split(": ", 1)[-1]
+        r["skipped"] = (("CUDA only" + (f" (and bitsandbytes is absent: {bnb})" if bnb else "")
+                         + "; here the trainer says: " + said) if not cuda
+                        else f"bitsandbytes does not import here ({bnb}); the trainer says: {said}; {BNB_FULL_HINT}")
+    elif "error" in r and bnb:
+        r["error"] += f" (bitsandbytes: {bnb}; {BNB_FULL_HINT})"
+    return ("ok" if "steps_per_s" in r else f"skipped: {r['skipped']}" if "skipped" in r
+            else f"FAILED: {r['error'][:300]}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
@@ -140,7 +158,8 @@ class Session:
         self.dev = ts.device_name()
         self.flops = ts.unet_train_flops(self.model, self.a.batch, self.a.resolution, self.a.rank)
         self.peak = ts.peak_flops(self.dev) if cuda else None
-        self.notes: list[str] = []
+        pins = os.path.join(ROOT, "constraints.txt")
+        self.notes: list[str] = [f"version: {m}" for m in constraint_mismatches(pins)]  # a wheel that did not win
         self.matmul = None
         if cuda:
             try:
@@ -223,14 +242,15 @@ class Session:
             self.paths["gradient checkpointing"] = "ok" if "error" not in r else f"FAILED: {r['error'][:160]}"
         if self.wanted("ours + 8-bit AdamW"):
             r, _ = self.ours("ours + 8-bit AdamW", ADAMW8BIT)
-            if "error" in r and not self.cuda and "adamw8bit needs" in r["error"]:
-                r["skipped"] = "CUDA only; here the trainer says: " + r.pop("error").split(": ", 1)[-1]
-            self.paths["adamw8bit"] = ("ok" if "steps_per_s" in r else f"skipped: {r['skipped']}" if "skipped" in r
-                                       else f"FAILED: {r['error'][:160]}")
+            self.paths["adamw8bit"] = adamw8bit_outcome(r, self.cuda, bnb_import_error())
         if self.wanted("ours fp16"):
-            r, rec = self.ours("ours fp16", {"mixed_precision": "fp16"})
-            scale = rec.loss_scale or "not reported in the trainer's events (no field or message naming it)"
-            self.paths["fp16 loss scale"] = f"FAILED: {r['error'][:160]}" if "error" in r else scale
+            with watch_scaler(cpu_standin=not self.cuda) as seen:
+                r, rec = self.ours("ours fp16", {"mixed_precision": "fp16"})
+            scale = (f"FAILED: {r['error'][:160]}" if "error" in r
+                     else describe_scaler(seen, "the GPU" if self.cuda else "the CPU"))
+            if rec.loss_scale:  # a scale the trainer itself reports, if it ever does
+                scale += f"; the trainer reports {rec.loss_scale}"
+            self.paths["fp16 loss scale"] = scale
             r["note"] = f"loss scale: {scale}"
 
     def engine(self) -> None:

@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_table.sh --reference .ref/diffusers [--wheels .whl] [--out DIR] [gpu_table.py options]
 #   bash bench/gpu_table.sh --dry-run [--reference PATH]     # CPU, tiny sizes (tests/test_gpu_table.py)
+#   bash bench/gpu_table.sh --wheels DIR --install-only      # only the install, and what it put first on the path
 #
 # --wheels DIR: wheels from bench/gpu_wheels.sh, installed with pip --no-index --no-deps into a folder put first
 # on PYTHONPATH (default: .whl when it holds wheels, else the installed packages; a dry run installs none unless
@@ -16,12 +17,14 @@ PY=${PYTHON:-python3}
 WHEELS=""
 OUTDIR=${OUT:-gpu-table-out}
 DRY=0
+INSTALL_ONLY=0
 ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;;
     --out) OUTDIR=$2; shift 2 ;;
     --dry-run) DRY=1; ARGS+=("$1"); shift ;;
+    --install-only) INSTALL_ONLY=1; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -44,6 +47,17 @@ if [ -n "$WHEELS" ]; then
     "$WHEELS"/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   echo "# installed $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS in $(( $(date +%s) - start )) s"
+fi
+if [ "$INSTALL_ONLY" = 1 ]; then
+  # what Python now imports first: each carried wheel's distribution, its version and where it comes from
+  "$PY" - "$WHEELS" <<'PY'
+import glob, importlib.metadata as md, os, sys
+for whl in sorted(glob.glob(os.path.join(sys.argv[1] or ".whl", "*.whl"))):
+    name = os.path.basename(whl).split("-")[0]
+    dist = md.distribution(name)
+    print(f"# {name} {dist.version} from {dist.locate_file('')}")
+PY
+  exit 0
 fi
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ "$DRY" = 0 ]; then
