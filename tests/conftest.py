@@ -73,3 +73,8 @@ def base_diffusers_kohya_images(pipe, run_dir, kohya_name: str, prompt: str = "a
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(run_dir), weight_name=kohya_name)
     return base, with_diffusers, render(pipe, prompt)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "floors: the floors check (scripts/floors.sh runs it in a venv of the "
+                                       "lowest versions requirements.txt allows)")
