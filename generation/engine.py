@@ -92,7 +92,8 @@ class Engine:
         try:
             path = resolve(base_model)
             family = detect_family(path)
-            kwargs: dict[str, Any] = dict(dtype=self.dtype, use_safetensors=True)
+            # torch_dtype, not dtype: older diffusers (at least to 0.36) ignore dtype= and load SDXL in fp32 on a GPU
+            kwargs: dict[str, Any] = dict(torch_dtype=self.dtype, use_safetensors=True)
             if family.name == "sd":
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
             pipe = family.pipeline_class().from_pretrained(path, **kwargs)

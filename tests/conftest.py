@@ -82,3 +82,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("!", f"BROWSER SUITE SKIPPED: {len(skipped)} browser test(s) did not run "
                                    "(Chromium missing); CI sets REQUIRE_BROWSER=1 to fail instead", red=True,
                                    bold=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "floors: the floors check (scripts/floors.sh runs it in a venv of the "
+                                       "lowest versions requirements.txt allows)")
