@@ -9,11 +9,19 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from app_fixtures import app_server, images  # noqa: F401  (fixtures)
+from app_fixtures import images, start_app, stop_app  # noqa: F401  (fixtures)
 from test_app_browser import (CHROMIUM, app_page, browser_context_args, browser_type_launch_args,  # noqa: F401
                               shot)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """The app for this module, with a start-up allowance for a busy shared CI machine."""
+    server = start_app(str(tmp_path_factory.mktemp("app")), timeout=300)
+    yield server
+    stop_app(server)
 
 
 def uploads_of(app_server, page) -> str:
@@ -34,7 +42,9 @@ def upload_and_caption(page, images):
     page.locator("#ls-upload input[type=file]").set_input_files(images)
     expect(page.locator("#ls-upload-msg")).to_contain_text(f"Added {len(images)} image", timeout=30_000)
     expect(page.locator(".ls-card")).to_have_count(len(images))
-    page.locator("#ls-caption-model textarea, #ls-caption-model input").first.fill("tiny-blip")
+    # offline, the demo captioner is preselected and says why
+    expect(page.locator("#ls-caption-model input").first).to_have_value("tiny-blip")
+    expect(page.locator("#ls-caption-model")).to_contain_text("Hugging Face Hub is not reachable")
     page.locator("#ls-autocaption").click()
     expect(page.locator("#ls-card-caption-0 textarea")).to_have_value(re.compile("a photo of TOK"), timeout=60_000)
 
@@ -67,15 +77,21 @@ def test_caption_cards_edit_and_remove_one(app_page, app_server, images):
     expect(page.locator("#ls-card-0")).to_contain_text("photo 1.png")
 
 
-def set_field(page, name, value):
-    """Types ``value`` into the Train form's field ``name`` (opening the section that holds it)."""
+def open_field(page, name):
+    """Opens the expert section that holds the Train form's field ``name`` (the short form is always open)."""
     box = page.locator(f"#adv-{name} input, #adv-{name} textarea").first
     if not box.is_visible():
-        for acc in page.locator(f"#ls-train-form .ls-expert:has(#adv-{name}) > button").all():
-            acc.click()
-    if not box.is_visible():
-        page.get_by_text("Advanced: every setting").click()
-        page.get_by_text("Output, checkpoints, samples").click()
+        page.locator("#ls-advanced").get_by_text("Expert settings").first.click()
+        from ui.train_form import group_of
+
+        page.locator(f"#ls-expert-{group_of(name)}").locator("button").first.click()
+    expect(box).to_be_visible()
+    return box
+
+
+def set_field(page, name, value):
+    """Types ``value`` into the Train form's field ``name``."""
+    box = open_field(page, name)
     box.fill(str(value))
     box.press("Tab")
 
@@ -101,6 +117,7 @@ def test_one_trigger_everywhere(app_page, app_server, images):
     page.get_by_role("tab", name="Train").click()
     set_field(page, "max_train_steps", 2)
     set_field(page, "validation_steps", 100)
+    open_field(page, "auto_fit").uncheck()  # no preflight: the tiny run starts at once
     page.locator("#ls-start").click()
     expect(page.locator("#ls-train-status")).to_contain_text("do not contain the trigger word", timeout=30_000)
     expect(page.locator("#ls-train-status")).to_contain_text("photo 2.png")
@@ -119,3 +136,41 @@ def test_one_trigger_everywhere(app_page, app_server, images):
     expect(page.locator("#ls-prompt textarea")).to_have_value("a photo of sks", timeout=30_000)
     expect(page.locator("#ls-prompt")).to_contain_text("sks")
     shot(page, "studio-3-generate-trigger")
+
+
+def test_short_form_allowlist_length_and_marked_fields(app_page, app_server, images):
+    from ui.allowlist import VISITOR_FIELDS
+    from ui.train_form import SHORT_FIELDS
+
+    page = app_page
+    page.locator("#ls-upload input[type=file]").set_input_files(images)
+    expect(page.locator(".ls-card")).to_have_count(len(images), timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    form = page.locator("#ls-train-form")
+    expect(form.locator("#adv-rank")).to_be_visible()
+    ids = form.locator("[id^=adv-]").evaluate_all("els => els.map(e => e.id)")
+    names = {i[len("adv-"):] for i in ids}
+    assert names <= set(VISITOR_FIELDS), names - set(VISITOR_FIELDS)  # nothing a visitor may not set
+    shown = {n for n in names if form.locator(f"#adv-{n}").is_visible()}
+    assert shown == set(SHORT_FIELDS) and 8 <= len(shown) <= 12, shown
+    # plain labels with the preset's value, not flag names
+    expect(form.locator("#adv-steps_per_image")).to_contain_text("Steps per image")
+    expect(form.locator("#adv-steps_per_image")).to_contain_text("Preset: 120")
+    for n in shown:
+        assert "_" not in form.locator(f"#adv-{n} label, #adv-{n} .label").first.inner_text()
+    # the run's length before Start: the face preset's 120 steps per image on 4 images
+    expect(page.locator("#ls-run-length")).to_contain_text("480 steps on 4 image(s)", timeout=30_000)
+    set_field(page, "max_train_steps", 30)
+    expect(page.locator("#ls-run-length")).to_contain_text("30 steps on 4 image(s)")
+    # a bad value marks its field, named in the form's words; an expert one opens its section
+    set_field(page, "rank", 0)
+    set_field(page, "lr_warmup_steps", -5)
+    page.locator("#ls-advanced").get_by_text("Expert settings").first.click()  # fold it: Start opens it again
+    page.locator("#ls-start").click()
+    expect(page.locator("#ls-train-status")).to_contain_text("LoRA rank", timeout=30_000)
+    expect(page.locator("#ls-train-status")).to_contain_text("Warm-up steps")
+    expect(page.locator("#adv-rank")).to_have_class(re.compile("ls-bad"))
+    expect(page.locator("#adv-lr_warmup_steps")).to_have_class(re.compile("ls-bad"))
+    expect(page.locator("#adv-lr_warmup_steps input").first).to_be_visible()
+    expect(page.locator("#adv-max_train_steps")).not_to_have_class(re.compile("ls-bad"))
+    shot(page, "studio-4-short-form-error")

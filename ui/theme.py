@@ -3,10 +3,11 @@ own CSS (caption cards, visible checkboxes, a narrow window)."""
 import gradio as gr
 
 from .caption_cards import CARDS_CSS
+from .train_form import FORM_CSS
 
 
 def make_theme():
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="violet", neutral_hue="slate")
 
 
-STUDIO_CSS = CARDS_CSS
+STUDIO_CSS = CARDS_CSS + FORM_CSS

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import html
+import os
 
 import pandas as pd
+
+from trainer import describe_first_step
 
 from . import jobs as J
 
@@ -52,3 +55,79 @@ def lr_md(s: dict) -> str:
     if s["d_lr"] is not None:
         out += f" · effective (Prodigy d×lr): `{s['d_lr']:.3g}`"
     return out
+
+
+# Seconds per step when this session has not measured any yet: the tiny demo models on a CPU, SD 1.x/2.x and
+# SDXL on a 24 GB GPU at their own resolution, batch 1 (rough; the preflight measures the real figure at Start).
+GUESS_S_PER_STEP = {"tiny": 1.0, "sd": 0.6, "sdxl": 1.5}
+
+
+def run_length_md(steps: int, images: int, s_per_step, measured: bool, cpu_only: bool = False) -> str:
+    """The line above Start: how long the run will be (steps, images, estimated time)."""
+    if not images:
+        return "**This run:** add images in the Dataset tab first."
+    line = f"**This run:** {steps} steps on {images} image(s)"
+    if cpu_only:
+        return line + ", far too slow without a GPU (hours): use the tiny demo model here."
+    how = "as measured in this session" if measured else "a rough estimate; the preflight measures it at Start"
+    return line + f", about **{_fmt_time(steps * s_per_step)}** ({s_per_step:.2g} s/step, {how})."
+
+
+# ----- the view of a job ---------------------------------------------------------------------------------------
+def job_view(ctx, sid: str) -> dict:
+    job = ctx.jobs.latest(sid)
+    if job is not None:
+        events, state, run, position = job.snapshot(), job.state, job.run_name, ctx.jobs.position(job)
+        if job.resume:
+            events = job.history + events
+    else:
+        runs = ctx.workspaces.list_runs(sid)
+        if not runs:
+            return {"state": "none", "run": None, "events": [], "position": 0}
+        run = runs[0]
+        state, events = J.run_state_from_disk(os.path.join(ctx.workspaces.runs_dir(sid), run))
+        position = 0
+    return {"state": state, "run": run, "events": events, "position": position}
+
+
+def summarize(view: dict) -> dict:
+    steps = [e for e in view["events"] if e.get("type") == "step"]
+    last = steps[-1] if steps else {}
+    samples, log = [], []
+    loss = None  # the last loss read so far (the trainer reads it every --log_every steps)
+    for e in view["events"]:
+        t = e.get("type")
+        if t == "step" and e.get("loss") is not None:
+            loss = e["loss"]
+        if t == "sample":
+            samples += [(p, f"step {e.get('step')}") for p in e.get("images", []) if os.path.exists(p)]
+        if t == "status":
+            log.append(f"[{t}] {e.get('message')}")
+        elif t == "started":
+            log.append(f"[started] {e.get('num_images')} images, {e.get('total_steps')} steps"
+                       + (f", resuming at step {e.get('start_step')}" if e.get("start_step") else "")
+                       + "".join(f"\n  note: {n}" for n in e.get("notes", [])))
+        elif t == "first_step":
+            log.append(f"[first step] {describe_first_step(e)}")
+        elif t == "checkpoint":
+            log.append(f"[checkpoint] step {e.get('step')}")
+        elif t == "picked":
+            log.append(f"[pick] {e.get('checkpoint')} at LoRA scale {e.get('scale')}: {e.get('why')}")
+        elif t == "sample":
+            log.append(f"[sample] step {e.get('step')}: {len(e.get('images', []))} image(s)")
+        elif t == "finished":
+            log.append("[stopped] checkpoint kept; Resume continues from it" if e.get("stopped")
+                       else f"[finished] step {e.get('step')}: " + ", ".join(sorted(e.get("artifacts", {}))))
+        elif t == "failed":
+            log.append(f"[failed] {e.get('error')}" + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
+        elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
+            log.append(f"step {e.get('step')}/{e.get('total')} loss {'-' if loss is None else round(loss, 4)}")
+    return {
+        "state": view["state"], "run": view["run"], "position": view["position"],
+        "step": last.get("step", 0), "total": last.get("total", 0), "loss": loss,
+        "lr": last.get("lr"), "d_lr": last.get("d_lr"), "s_per_it": last.get("s_per_it"), "eta_s": last.get("eta_s"),
+        "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
+        "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
+        "samples": samples, "log": log[-200:],
+        "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
+    }
