@@ -35,6 +35,12 @@ def parse_args(argv=None):
                    help="Most optimizer steps one visitor's run may train.")
     p.add_argument("--max-resolution", type=int, default=d.max_resolution,
                    help="Highest training resolution (pixels) a visitor may ask for.")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                   help="Largest upload request (all its files together), in MB; larger ones are refused unread.")
+    p.add_argument("--max-upload-files", type=int, default=d.max_upload_files,
+                   help="Most files one upload may carry.")
+    p.add_argument("--max-images", type=int, default=d.max_dataset_images,
+                   help="Most images one session's dataset may hold.")
     return p.parse_args(argv)
 
 
@@ -49,7 +55,9 @@ def policy_of(args):
         return out
 
     return Policy(base_models=names(args.base_models), caption_models=names(args.caption_models),
-                  max_train_steps=args.max_steps, max_resolution=args.max_resolution)
+                  max_train_steps=args.max_steps, max_resolution=args.max_resolution,
+                  max_upload_mb=args.max_upload_mb, max_upload_files=args.max_upload_files,
+                  max_dataset_images=args.max_images)
 
 
 def main(argv=None):

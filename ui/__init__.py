@@ -12,7 +12,8 @@ import gradio as gr
 
 from .allowlist import Policy
 from .jobs import JobManager
-from .sessions import SessionFileGuard, Workspaces, valid_session_id
+from .file_guard import FileGuard, SessionFiles
+from .sessions import BrowserCookie, WorkspaceRefused, Workspaces, browser_of, valid_session_id
 
 
 
@@ -59,15 +60,30 @@ class AppContext:
     policy: Policy = field(default_factory=Policy)  # what visitors may choose (ui/allowlist.py)
     ws_state: Any = None  # gr.State holding the workspace id of this browser session
     components: dict = field(default_factory=dict)
+    files: Optional[SessionFiles] = None  # the served copies of session files (ui/file_guard.py)
 
     def sid(self, ws: Optional[str], request) -> str:
-        """The workspace id of a call: the one the page loaded with, else the Gradio session hash."""
+        """The workspace id of a call: the one the page loaded with (held by this browser's cookie), else, for an
+        API client, its own Gradio session hash (never a browser's workspace). Else a gr.Error."""
+        browser = browser_of(request)
         if ws and valid_session_id(ws):
-            return ws
-        sh = getattr(request, "session_hash", None) if request is not None else None
-        if not sh or not valid_session_id(sh):
-            raise ValueError("no session: reload the page")
-        return sh
+            sid, api = ws, False
+        else:
+            sid = getattr(request, "session_hash", None) if request is not None else None
+            if not sid or not valid_session_id(sid):
+                raise gr.Error("No session: reload the page.")
+            api = True
+        try:
+            self.workspaces.check_access(sid, browser, api=api)
+        except WorkspaceRefused as e:
+            raise gr.Error(str(e))
+        return sid
+
+    def served(self, sid: str, items):
+        """A gallery value (``[(path, caption)]``) or one path, as copies only session ``sid`` is handed."""
+        if isinstance(items, str):
+            return self.files.copy_for(sid, items)
+        return self.files.copies_for(sid, items)
 
 
 def _release_captioners() -> None:
@@ -97,10 +113,14 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
     workspaces = Workspaces(root, max_idle_s=max_idle_s)
     engine = EngineHolder()
     jobs = JobManager(before_train=[_release_captioners, engine.release])
-    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy or Policy())
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy or Policy(),
+                     files=SessionFiles(workspaces.sessions_root))
+    workspaces.on_clean.append(ctx.files.purge)  # an idle session's served copies go with its uploads
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
 
-    with gr.Blocks(title="LoRA studio") as demo:
+    # Gradio's own cache (uploads before they are ingested, copies of generated images) ages out like the uploads.
+    cache_age = int(max(600, min(max_idle_s, 24 * 3600)))
+    with gr.Blocks(title="LoRA studio", delete_cache=(max(60, min(cache_age, 3600)), cache_age)) as demo:
         ctx.ws_state = gr.State(None)
         browser_ws = gr.BrowserState(None, storage_key="lora-studio-workspace")
         gr.Markdown("# LoRA studio\nA few photos in, a Stable Diffusion LoRA out: **Dataset → Train → Generate → "
@@ -130,8 +150,13 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         pub_tab.select(*pub["refresh"], api_visibility="private")
 
         def on_load(saved, request: gr.Request):
-            sid = saved if (saved and workspaces.exists(saved)) else request.session_hash
-            workspaces.session_dir(sid)
+            # The id this browser kept opens its workspace only with the cookie it is bound to (or, for a
+            # browser that sends no cookies, when it is bound to none); anything else gets a fresh secret id.
+            browser = browser_of(request)
+            ok = valid_session_id(saved) and workspaces.exists(saved) and (
+                workspaces.held_by(saved, browser) if browser else not workspaces.is_bound(saved))
+            sid = saved if ok else workspaces.new_id()
+            workspaces.bind(sid, browser)
             return sid, sid
 
         load_ev = demo.load(on_load, inputs=[browser_ws], outputs=[ctx.ws_state, browser_ws],
@@ -142,14 +167,17 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         choices.wire(ctx, load_ev, {"concept": ctx.components["concept"], "trigger": ctx.components["trigger"],
                                     "base_model": ctx.components["base_model"], **tr["choices"]})
 
-    guard_root = workspaces.sessions_root
     from starlette.middleware import Middleware
 
+    # No session folder in allowed_paths: Gradio serves only its cache, where ui/file_guard.py puts the copies
+    # made for each session; FileGuard refuses every other file and makes every file answer a download.
+    guard = Middleware(FileGuard, protected=workspaces.sessions_root, max_upload_bytes=ctx.policy.max_upload_bytes)
     launch_kwargs = dict(
         theme=make_theme(),
         css=CSS + STUDIO_CSS,
-        allowed_paths=[guard_root],
-        app_kwargs={"middleware": [Middleware(SessionFileGuard, protected=guard_root)]},
+        allowed_paths=[],
+        max_file_size=ctx.policy.max_upload_bytes,
+        app_kwargs={"middleware": [guard, Middleware(BrowserCookie)]},
         footer_links=["api"],
         show_error=True,
     )

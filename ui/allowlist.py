@@ -79,6 +79,13 @@ class Policy:
     caption_models: tuple[str, ...] = DEFAULT_CAPTION_MODELS
     max_train_steps: int = 5000  # optimizer steps of one run, however they are asked for
     max_resolution: int = 1024
+    max_upload_mb: float = 200.0  # one upload request (all its files together); larger ones are refused unread
+    max_upload_files: int = 300  # files in one upload
+    max_dataset_images: int = 300  # images one session's dataset may hold
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
 
     def default_base_model(self, cuda: bool) -> str:
         """SDXL on a GPU, the tiny demo model without one, when offered; else the list's first."""

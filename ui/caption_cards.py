@@ -36,23 +36,26 @@ def build(ctx, cards, gallery, table, msg):
 
     def remove_one(name):
         def remove(ws_id, request: gr.Request):
-            folder = folder_of(ws_id, request)
+            sid = ctx.sid(ws_id, request)
+            folder = ctx.workspaces.uploads_dir(sid)
             gone = remove_image(folder, name)
+            ctx.files.purge(sid)  # the removed photo's served copies go (the others are made again when shown)
             recs = read_records(folder)
             text = (f"Removed `{name}`; the dataset has **{len(recs)}** image(s)." if gone
                     else f"'{name}' was already gone.")
-            return cards_of(recs), gallery_of(recs), table_of(recs), text
+            return cards_of(recs), ctx.served(sid, gallery_of(recs)), table_of(recs), text
         return remove
 
-    @gr.render(inputs=[cards])
-    def draw(items):
+    @gr.render(inputs=[cards, ws])
+    def draw(items, ws_id, request: gr.Request):
+        sid = ctx.sid(ws_id, request) if items else None
         if not items:
             gr.Markdown("No images yet: add some above.", elem_id="ls-no-cards")
             return
         with gr.Row(elem_id="ls-cards"):
             for i, card in enumerate(items):
                 with gr.Column(elem_classes=["ls-card"], elem_id=f"ls-card-{i}", min_width=160):
-                    gr.Image(card["path"], show_label=False, interactive=False, height=150, buttons=[],
+                    gr.Image(ctx.served(sid, card["path"]), show_label=False, interactive=False, height=150, buttons=[],
                              container=False, elem_classes=["ls-card-img"])
                     gr.Markdown(f"`{card['name']}`", elem_classes=["ls-card-name"])
                     box = gr.Textbox(card["caption"], label=f"Caption of {card['name']}", show_label=False,

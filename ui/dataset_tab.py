@@ -8,6 +8,8 @@ import gradio as gr
 
 from trainer import ImageProblem, bucket_histogram, check_dataset, default_resolution_of_model, load_image
 
+from uploads.accept import too_many_files_problem
+
 from . import caption_cards
 from .allowlist import VisitorError, check_base_model, check_caption_model
 # the dataset on disk lives in dataset_files.py; these names stay importable from here
@@ -102,18 +104,26 @@ def build(ctx) -> dict:
             gr.Markdown("**Aspect buckets** (images are trained at these sizes, not cropped square)")
             hist = gr.HTML("", elem_id="ls-buckets")
 
-    def listing(folder):
-        recs = read_records(folder)
-        return recs, gallery_of(recs), table_of(recs), cards_of(recs)
+    def listing(folder, sid):
+        recs = read_records(folder)  # images are shown as this session's own copies (ui/file_guard.py)
+        return recs, ctx.served(sid, gallery_of(recs)), table_of(recs), cards_of(recs)
 
     def refresh(ws_id, request: gr.Request):
-        _recs, shown, rows, _cards = listing(ctx.workspaces.uploads_dir(ctx.sid(ws_id, request)))
+        sid = ctx.sid(ws_id, request)
+        _recs, shown, rows, _cards = listing(ctx.workspaces.uploads_dir(sid), sid)
         return shown, rows
 
     def on_upload(files, ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
         before = {r.path: r.caption for r in read_records(folder)}
-        added, probs, notes = ingest_files(files or [], folder)
+        paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files or []]
+        if len(paths) > ctx.policy.max_upload_files:
+            added, probs, notes = [], [too_many_files_problem(len(paths), ctx.policy.max_upload_files)], []
+        else:
+            limit = ctx.policy.max_dataset_images
+            added, probs, notes = ingest_files(paths, folder, room=limit - len(before), limit=limit)
+        ctx.files.discard_uploads(paths)  # Gradio's own copies of the upload go once taken in (or refused)
         recs = read_records(folder)
         for r in recs:  # keep the captions the user already had
             if r.path in before and before[r.path]:
@@ -132,7 +142,8 @@ def build(ctx) -> dict:
         if notes:
             lines.append("**Notes:**")
             lines += [f"- `{n['file']}`: {n['message']}" for n in notes]
-        return None, gallery_of(recs), table_of(recs), "\n".join(lines), problems_table(probs), cards_of(recs)
+        return (None, ctx.served(sid, gallery_of(recs)), table_of(recs), "\n".join(lines), problems_table(probs),
+                cards_of(recs))
 
     def on_caption(model, concept, trigger, overwrite, ws_id, request: gr.Request, progress=gr.Progress()):
         concept_v, trigger_v, overwrite_v = concept, trigger, overwrite
@@ -208,17 +219,20 @@ def build(ctx) -> dict:
 
     def on_trigger(trigger_v, ws_id, request: gr.Request):
         """A new trigger word rewrites the captions written with the old one (whole words), shown at once."""
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
         new = (trigger_v or "").strip()
         changed, old = rename_trigger(folder, new)
         if not changed:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         recs = read_records(folder)
         msg = f"Trigger word changed from `{old}` to `{new}`: **{changed}** caption(s) rewritten (see below)."
-        return cards_of(recs), gallery_of(recs), table_of(recs), msg
+        return cards_of(recs), ctx.served(sid, gallery_of(recs)), table_of(recs), msg
 
     def on_clear(ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
+        ctx.files.purge(sid)  # every served copy of the removed photos: their URLs answer 404 now
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
         return [], table_of([]), "Dataset cleared.", problems_table([]), []
@@ -237,7 +251,8 @@ def build(ctx) -> dict:
     list_ev.click(refresh, [ws], [gallery, table], api_name="list_dataset")
 
     def ready(ws_id, request: gr.Request):
-        _recs, shown, rows, items = listing(ctx.workspaces.uploads_dir(ctx.sid(ws_id, request)))
+        sid = ctx.sid(ws_id, request)
+        _recs, shown, rows, items = listing(ctx.workspaces.uploads_dir(sid), sid)
         return shown, rows, items, gr.update(interactive=True), gr.update(interactive=True), ""
 
     def on_load(load_ev):

@@ -13,7 +13,7 @@ from uploads import safe_filename
 
 from . import jobs as J
 from .allowlist import VisitorError, check_base_model
-from . import pick_view
+from . import download_view, pick_view
 
 UPLOADED = "(uploaded LoRA files)"
 
@@ -83,6 +83,7 @@ def build(ctx) -> dict:
         return d if os.path.isdir(d) else None
 
     pick = pick_view.build(ctx, run, lora_scale, run_dir_of)
+    download_view.build(ctx, run, run_dir_of)  # the run's files, as this session's own copies
 
     def refresh(ws_id, request: gr.Request):
         runs = finished_runs(ctx, ctx.sid(ws_id, request))

@@ -154,7 +154,8 @@ def build(ctx) -> dict:
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
         brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
-        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), s["samples"], brief, gr.Timer(active=active)]
+        shown = ctx.served(sid, s["samples"])  # the session's own copies (ui/file_guard.py)
+        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), shown, brief, gr.Timer(active=active)]
 
     view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
 
