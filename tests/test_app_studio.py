@@ -13,6 +13,7 @@ from app_fixtures import images, start_app, stop_app  # noqa: F401  (fixtures)
 from test_app_browser import (CHROMIUM, app_page, browser_context_args, browser_type_launch_args,  # noqa: F401
                               shot)
 
+expect.set_options(timeout=30_000)  # a shared 2-core CI machine: redraws can take seconds
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
 
 
@@ -115,7 +116,7 @@ def test_one_trigger_everywhere(app_page, app_server, images):
     box.press("Tab")
     expect(page.locator("#ls-check-msg")).to_contain_text("Saved the caption")
     page.get_by_role("tab", name="Train").click()
-    set_field(page, "max_train_steps", 2)
+    set_field(page, "max_train_steps", 3)
     set_field(page, "validation_steps", 100)
     open_field(page, "auto_fit").uncheck()  # no preflight: the tiny run starts at once
     page.locator("#ls-start").click()
@@ -127,15 +128,28 @@ def test_one_trigger_everywhere(app_page, app_server, images):
                                                              timeout=30_000)
     expect(page.locator("#ls-fix-trigger")).to_be_hidden()
     assert captions_on_disk(folder)["photo 2.png"] == "a photo of sks, a red square on a gradient"
+    expect(page.locator("#ls-stop")).to_be_disabled()  # nothing runs yet, nothing to resume
+    expect(page.locator("#ls-resume")).to_be_disabled()
     page.locator("#ls-start").click()
     expect(page.locator("#ls-train-status")).to_contain_text("submitted", timeout=30_000)
+    expect(page.locator("#ls-stop")).to_be_enabled()
+    expect(page.locator("#ls-progress")).not_to_contain_text("Waiting in line")  # nobody is ahead
+    # a reload while it trains lands on Train, with the header there
+    page.get_by_role("tab", name="Dataset").click()
+    page.reload()
+    expect(page.locator("#ls-tabs button[role=tab][aria-selected=true]")).to_have_text("Train", timeout=60_000)
+    expect(page.locator("#ls-trigger")).to_be_visible()
     expect(page.locator("#ls-progress[data-state=finished]")).to_be_visible(timeout=240_000)
+    expect(page.locator("#ls-stop")).to_be_disabled()
     # Generate: the run's own trigger in the prompt and its hint
     page.get_by_role("tab", name="Generate").click()
     expect(page.locator("#ls-gen-run input").first).to_have_value(re.compile("my-lora"), timeout=30_000)
     expect(page.locator("#ls-prompt textarea")).to_have_value("a photo of sks", timeout=30_000)
     expect(page.locator("#ls-prompt")).to_contain_text("sks")
+    expect(page.locator("#ls-header")).to_be_hidden()  # concept and trigger change nothing here
     shot(page, "studio-3-generate-trigger")
+    page.reload()  # a reload lands on the tab that was open
+    expect(page.locator("#ls-tabs button[role=tab][aria-selected=true]")).to_have_text("Generate", timeout=60_000)
 
 
 def test_short_form_allowlist_length_and_marked_fields(app_page, app_server, images):
@@ -174,3 +188,32 @@ def test_short_form_allowlist_length_and_marked_fields(app_page, app_server, ima
     expect(page.locator("#adv-lr_warmup_steps input").first).to_be_visible()
     expect(page.locator("#adv-max_train_steps")).not_to_have_class(re.compile("ls-bad"))
     shot(page, "studio-4-short-form-error")
+
+
+OUT_OF_VIEW = """(w) => [...document.querySelectorAll(
+    '[data-testid=block-info], .label-text, #ls-tabs .tab-wrapper button, label')]
+  .filter(e => e.offsetParent !== null).map(e => { const r = e.getBoundingClientRect();
+    return [e.innerText.slice(0, 40), Math.round(r.left), Math.round(r.right), e.scrollWidth > e.clientWidth + 1]; })
+  .filter(x => x[1] < 0 || x[2] > w || x[3])"""
+
+
+@pytest.mark.parametrize("width", [390, 1400])
+def test_tabs_and_labels_fit_the_window(page, app_server, width):
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto(app_server.url)
+    expect(page.locator("#ls-upload")).to_be_visible(timeout=60_000)
+    for tab in ("Dataset", "Train", "Generate", "Publish"):  # every tab a visible button inside the window
+        button = page.locator("#ls-tabs .tab-wrapper button:visible", has_text=tab)
+        expect(button).to_have_count(1)
+        box = button.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, (tab, box)
+    assert page.evaluate(OUT_OF_VIEW, width) == []
+    # an unchecked checkbox shows its box
+    page.locator("#ls-overwrite input").uncheck()
+    border = page.locator("#ls-overwrite input").evaluate("e => getComputedStyle(e).borderTopWidth")
+    assert float(border.rstrip("px")) >= 2, border
+    shot(page, f"studio-5-dataset-{width}px")
+    page.locator("#ls-tabs .tab-wrapper button:visible", has_text="Train").click()
+    expect(page.locator("#adv-rank")).to_be_visible()
+    assert page.evaluate(OUT_OF_VIEW, width) == []
+    shot(page, f"studio-6-train-{width}px")

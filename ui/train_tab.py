@@ -111,8 +111,8 @@ def build(ctx) -> dict:
     run_length = gr.Markdown("", elem_id="ls-run-length")
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="ls-start")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop")
-        resume_btn = gr.Button("Resume", elem_id="ls-resume")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop", interactive=False)
+        resume_btn = gr.Button("Resume", elem_id="ls-resume", interactive=False)
     status = gr.Markdown("", elem_id="ls-train-status")
     fix_btn = gr.Button("Add the trigger to the captions", visible=False, variant="primary", elem_id="ls-fix-trigger")
     progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
@@ -120,8 +120,9 @@ def build(ctx) -> dict:
     with gr.Row():
         loss_plot = gr.LinePlot(loss_frame({"losses": [], "val_losses": []}), x="step", y="loss", color="series",
                                 label="Loss", elem_id="ls-loss", height=260, scale=3)
-        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="ls-samples", scale=2)
-    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="ls-log", interactive=False)
+        samples = gr.Gallery(label="Sample images (newest first)", columns=4, height=260, elem_id="ls-samples", scale=2)
+    log = gr.Textbox(label="Log (newest line first)", lines=8, max_lines=8, autoscroll=False, elem_id="ls-log",
+                     interactive=False)
     status_json = gr.JSON(visible=False)
     timer = gr.Timer(1.0, active=False)
 
@@ -154,10 +155,14 @@ def build(ctx) -> dict:
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
         brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
-        shown = ctx.served(sid, s["samples"])  # the session's own copies (ui/file_guard.py)
-        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), shown, brief, gr.Timer(active=active)]
+        shown = ctx.served(sid, s["samples"][::-1])  # the session's own copies (ui/file_guard.py), newest first
+        resumable = s["state"] in (J.STOPPED, J.FAILED) and bool(s["run"]) and os.path.isdir(
+            os.path.join(ctx.workspaces.runs_dir(sid), s["run"], "checkpoints"))
+        # the log newest line first: the latest is what people look for
+        return [progress_html(s), lr_md(s), df, "\n".join(s["log"][::-1]), shown, brief,
+                gr.Timer(active=active), gr.update(interactive=active), gr.update(interactive=resumable)]
 
-    view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
+    view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer, stop_btn, resume_btn]
 
     bad_fields: dict[str, list] = {}  # session -> the fields the last Start's error named (outlined by mark)
 

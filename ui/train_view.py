@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 
 import pandas as pd
 
@@ -18,10 +19,34 @@ def _fmt_time(s) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def smoothed(points: list, weight: float = 0.9) -> list:
+    """An exponential moving average of [step, loss] points, debiased at the start (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, (st, v) in enumerate(points):
+        avg = weight * avg + (1 - weight) * float(v)
+        out.append([st, avg / (1 - weight ** (i + 1))])
+    return out
+
+
 def loss_frame(s: dict) -> pd.DataFrame:
-    """The plot's data: the training loss and, with --validation_loss_images, the held-out loss next to it."""
-    rows = [[st, v, "training"] for st, v in s["losses"]] + [[st, v, "validation"] for st, v in s["val_losses"]]
+    """The plot's data: the raw training loss, its smoothed line over it and, with --validation_loss_images, the
+    held-out loss next to them."""
+    rows = [[st, v, "training"] for st, v in s["losses"]]
+    rows += [[st, v, "smoothed"] for st, v in smoothed(s["losses"])]
+    rows += [[st, v, "validation"] for st, v in s["val_losses"]]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def as_sentence(error) -> str:
+    """A failure as the page shows it: no exception class prefix ('TrainingError: ...'), flags in the form's
+    words, first letter capitalised, ending with a full stop. Not escaped (the caller escapes once)."""
+    from .train_form import in_form_words
+
+    text = re.sub(r"^(?:[A-Za-z_.]*(?:Error|Exception)):\s*", "", str(error or "").strip())
+    text = in_form_words(text).replace("**", "")
+    if text and text[0].islower():
+        text = text[0].upper() + text[1:]
+    return text if not text or text[-1] in ".!?:" else text + "."
 
 
 def progress_html(s: dict) -> str:
@@ -30,8 +55,12 @@ def progress_html(s: dict) -> str:
         return "<div id='ls-progress'><div class='txt'>No training yet.</div></div>"
     total = s["total"] or 0
     pct = int(100 * s["step"] / total) if total else 0
-    if state == J.QUEUED:
-        text = f"Waiting in line: position {s['position']} (one training runs at a time on this machine)."
+    if state == J.QUEUED and s["position"] > 1:
+        ahead = s["position"] - 1
+        text = (f"Waiting in line: position {s['position']} ({ahead} training{'s' if ahead > 1 else ''} ahead; "
+                "one runs at a time on this machine).")
+    elif state == J.QUEUED:
+        text = "Starting..."
     elif state == J.RUNNING and not s["step"]:
         text = "Preparing (reading images, loading the model, caching latents)..."
     else:
@@ -43,7 +72,7 @@ def progress_html(s: dict) -> str:
         if s["loss"] is not None:
             text += f" · loss {s['loss']:.4f}"
     if state == J.FAILED and s["error"]:
-        text += f" · {html.escape(str(s['error']))}"
+        text += f" · {as_sentence(s['error'])}"
     return (f"<div id='ls-progress' data-state='{state}'><div class='bar'><div class='fill' style='width:{pct}%'>"
             f"</div></div><div class='txt'><b>{html.escape(s['run'] or '')}</b> · {html.escape(text)}</div></div>")
 
@@ -119,7 +148,8 @@ def summarize(view: dict) -> dict:
             log.append("[stopped] checkpoint kept; Resume continues from it" if e.get("stopped")
                        else f"[finished] step {e.get('step')}: " + ", ".join(sorted(e.get("artifacts", {}))))
         elif t == "failed":
-            log.append(f"[failed] {e.get('error')}" + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
+            log.append(f"[failed] {as_sentence(e.get('error'))}" + (f"\n  advice: {e.get('advice')}" if e.get("advice")
+                                                                     else ""))
         elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
             log.append(f"step {e.get('step')}/{e.get('total')} loss {'-' if loss is None else round(loss, 4)}")
     return {
