@@ -87,8 +87,9 @@ def build(ctx) -> dict:
         cap_default, cap_note = default_captioner(ctx.policy, ctx.cuda)
         cap_model = gr.Dropdown(list(ctx.policy.caption_models), value=cap_default, label="Captioning model",
                                 info=cap_note or "One of this app's captioning models.",
-                                elem_id="ls-caption-model", scale=3)
-        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1, elem_id="ls-overwrite")
+                                elem_id="ls-caption-model", scale=3, min_width=240)
+        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1, elem_id="ls-overwrite",
+                                min_width=240)
         caption_btn = gr.Button("Auto-caption", variant="primary", elem_id="ls-autocaption", scale=1)
     check_msg = gr.Markdown("", elem_id="ls-check-msg")
     caption_cards.build(ctx, cards, gallery, table, check_msg)
