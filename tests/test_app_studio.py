@@ -82,10 +82,12 @@ def open_field(page, name):
     """Opens the expert section that holds the Train form's field ``name`` (the short form is always open)."""
     box = page.locator(f"#adv-{name} input, #adv-{name} textarea").first
     if not box.is_visible():
-        page.locator("#ls-advanced").get_by_text("Expert settings").first.click()
         from ui.train_form import group_of
 
-        page.locator(f"#ls-expert-{group_of(name)}").locator("button").first.click()
+        section = page.locator(f"#ls-expert-{group_of(name)}")
+        if not section.is_visible():  # the expert switch is still folded
+            page.locator("#ls-advanced").get_by_text("Expert settings").first.click()
+        section.locator("button").first.click()
     expect(box).to_be_visible()
     return box
 
@@ -119,6 +121,8 @@ def test_one_trigger_everywhere(app_page, app_server, images):
     set_field(page, "max_train_steps", 3)
     set_field(page, "validation_steps", 100)
     open_field(page, "auto_fit").uncheck()  # no preflight: the tiny run starts at once
+    set_field(page, "num_validation_images", 1)  # the final sample: one image in 2 steps
+    set_field(page, "validation_inference_steps", 2)
     page.locator("#ls-start").click()
     expect(page.locator("#ls-train-status")).to_contain_text("do not contain the trigger word", timeout=30_000)
     expect(page.locator("#ls-train-status")).to_contain_text("photo 2.png")

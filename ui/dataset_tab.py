@@ -88,6 +88,7 @@ def build(ctx) -> dict:
         cap_model = gr.Dropdown(list(ctx.policy.caption_models), value=cap_default, label="Captioning model",
                                 info=cap_note or "One of this app's captioning models.",
                                 elem_id="ls-caption-model", scale=3, min_width=240)
+    with gr.Row():  # its own row: at 390 px the label is not squeezed beside the model
         overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1, elem_id="ls-overwrite",
                                 min_width=240)
         caption_btn = gr.Button("Auto-caption", variant="primary", elem_id="ls-autocaption", scale=1)

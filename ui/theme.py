@@ -33,4 +33,10 @@ NARROW_CSS = """
 }
 """
 
-STUDIO_CSS = CARDS_CSS + FORM_CSS + NARROW_CSS
+# The theme's checkbox border width does not reach Gradio 6's checkbox input: say it here too.
+CHECKBOX_CSS = """
+input[type="checkbox"] {border: 2px solid var(--neutral-500) !important;}
+input[type="checkbox"]:checked {border-color: var(--color-accent) !important;}
+"""
+
+STUDIO_CSS = CHECKBOX_CSS + CARDS_CSS + FORM_CSS + NARROW_CSS
