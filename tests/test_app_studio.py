@@ -9,11 +9,20 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from app_fixtures import app_server, images  # noqa: F401  (fixtures)
+from app_fixtures import images, start_app, stop_app  # noqa: F401  (fixtures)
 from test_app_browser import (CHROMIUM, app_page, browser_context_args, browser_type_launch_args,  # noqa: F401
                               shot)
 
+expect.set_options(timeout=30_000)  # a shared 2-core CI machine: redraws can take seconds
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """The app for this module, with a start-up allowance for a busy shared CI machine."""
+    server = start_app(str(tmp_path_factory.mktemp("app")), timeout=300)
+    yield server
+    stop_app(server)
 
 
 def uploads_of(app_server, page) -> str:
@@ -34,7 +43,9 @@ def upload_and_caption(page, images):
     page.locator("#ls-upload input[type=file]").set_input_files(images)
     expect(page.locator("#ls-upload-msg")).to_contain_text(f"Added {len(images)} image", timeout=30_000)
     expect(page.locator(".ls-card")).to_have_count(len(images))
-    page.locator("#ls-caption-model textarea, #ls-caption-model input").first.fill("tiny-blip")
+    # offline, the demo captioner is preselected and says why
+    expect(page.locator("#ls-caption-model input").first).to_have_value("tiny-blip")
+    expect(page.locator("#ls-caption-model")).to_contain_text("Hugging Face Hub is not reachable")
     page.locator("#ls-autocaption").click()
     expect(page.locator("#ls-card-caption-0 textarea")).to_have_value(re.compile("a photo of TOK"), timeout=60_000)
 
@@ -67,15 +78,23 @@ def test_caption_cards_edit_and_remove_one(app_page, app_server, images):
     expect(page.locator("#ls-card-0")).to_contain_text("photo 1.png")
 
 
-def set_field(page, name, value):
-    """Types ``value`` into the Train form's field ``name`` (opening the section that holds it)."""
+def open_field(page, name):
+    """Opens the expert section that holds the Train form's field ``name`` (the short form is always open)."""
     box = page.locator(f"#adv-{name} input, #adv-{name} textarea").first
     if not box.is_visible():
-        for acc in page.locator(f"#ls-train-form .ls-expert:has(#adv-{name}) > button").all():
-            acc.click()
-    if not box.is_visible():
-        page.get_by_text("Advanced: every setting").click()
-        page.get_by_text("Output, checkpoints, samples").click()
+        from ui.train_form import group_of
+
+        section = page.locator(f"#ls-expert-{group_of(name)}")
+        if not section.is_visible():  # the expert switch is still folded
+            page.locator("#ls-advanced").get_by_text("Expert settings").first.click()
+        section.locator("button").first.click()
+    expect(box).to_be_visible()
+    return box
+
+
+def set_field(page, name, value):
+    """Types ``value`` into the Train form's field ``name``."""
+    box = open_field(page, name)
     box.fill(str(value))
     box.press("Tab")
 
@@ -99,8 +118,11 @@ def test_one_trigger_everywhere(app_page, app_server, images):
     box.press("Tab")
     expect(page.locator("#ls-check-msg")).to_contain_text("Saved the caption")
     page.get_by_role("tab", name="Train").click()
-    set_field(page, "max_train_steps", 2)
+    set_field(page, "max_train_steps", 3)
     set_field(page, "validation_steps", 100)
+    open_field(page, "auto_fit").uncheck()  # no preflight: the tiny run starts at once
+    set_field(page, "num_validation_images", 1)  # the final sample: one image in 2 steps
+    set_field(page, "validation_inference_steps", 2)
     page.locator("#ls-start").click()
     expect(page.locator("#ls-train-status")).to_contain_text("do not contain the trigger word", timeout=30_000)
     expect(page.locator("#ls-train-status")).to_contain_text("photo 2.png")
@@ -110,12 +132,92 @@ def test_one_trigger_everywhere(app_page, app_server, images):
                                                              timeout=30_000)
     expect(page.locator("#ls-fix-trigger")).to_be_hidden()
     assert captions_on_disk(folder)["photo 2.png"] == "a photo of sks, a red square on a gradient"
+    expect(page.locator("#ls-stop")).to_be_disabled()  # nothing runs yet, nothing to resume
+    expect(page.locator("#ls-resume")).to_be_disabled()
     page.locator("#ls-start").click()
     expect(page.locator("#ls-train-status")).to_contain_text("submitted", timeout=30_000)
+    expect(page.locator("#ls-stop")).to_be_enabled()
+    expect(page.locator("#ls-progress")).not_to_contain_text("Waiting in line")  # nobody is ahead
+    # a reload while it trains lands on Train, with the header there
+    page.get_by_role("tab", name="Dataset").click()
+    page.reload()
+    expect(page.locator("#ls-tabs button[role=tab][aria-selected=true]")).to_have_text("Train", timeout=60_000)
+    expect(page.locator("#ls-trigger")).to_be_visible()
     expect(page.locator("#ls-progress[data-state=finished]")).to_be_visible(timeout=240_000)
+    expect(page.locator("#ls-stop")).to_be_disabled()
     # Generate: the run's own trigger in the prompt and its hint
     page.get_by_role("tab", name="Generate").click()
     expect(page.locator("#ls-gen-run input").first).to_have_value(re.compile("my-lora"), timeout=30_000)
     expect(page.locator("#ls-prompt textarea")).to_have_value("a photo of sks", timeout=30_000)
     expect(page.locator("#ls-prompt")).to_contain_text("sks")
+    expect(page.locator("#ls-header")).to_be_hidden()  # concept and trigger change nothing here
     shot(page, "studio-3-generate-trigger")
+    page.reload()  # a reload lands on the tab that was open
+    expect(page.locator("#ls-tabs button[role=tab][aria-selected=true]")).to_have_text("Generate", timeout=60_000)
+
+
+def test_short_form_allowlist_length_and_marked_fields(app_page, app_server, images):
+    from ui.allowlist import VISITOR_FIELDS
+    from ui.train_form import SHORT_FIELDS
+
+    page = app_page
+    page.locator("#ls-upload input[type=file]").set_input_files(images)
+    expect(page.locator(".ls-card")).to_have_count(len(images), timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    form = page.locator("#ls-train-form")
+    expect(form.locator("#adv-rank")).to_be_visible()
+    ids = form.locator("[id^=adv-]").evaluate_all("els => els.map(e => e.id)")
+    names = {i[len("adv-"):] for i in ids}
+    assert names <= set(VISITOR_FIELDS), names - set(VISITOR_FIELDS)  # nothing a visitor may not set
+    shown = {n for n in names if form.locator(f"#adv-{n}").is_visible()}
+    assert shown == set(SHORT_FIELDS) and 8 <= len(shown) <= 12, shown
+    # plain labels with the preset's value, not flag names
+    expect(form.locator("#adv-steps_per_image")).to_contain_text("Steps per image")
+    expect(form.locator("#adv-steps_per_image")).to_contain_text("Preset: 120")
+    for n in shown:
+        assert "_" not in form.locator(f"#adv-{n} label, #adv-{n} .label").first.inner_text()
+    # the run's length before Start: the face preset's 120 steps per image on 4 images
+    expect(page.locator("#ls-run-length")).to_contain_text("480 steps on 4 image(s)", timeout=30_000)
+    set_field(page, "max_train_steps", 30)
+    expect(page.locator("#ls-run-length")).to_contain_text("30 steps on 4 image(s)")
+    # a bad value marks its field, named in the form's words; an expert one opens its section
+    set_field(page, "rank", 0)
+    set_field(page, "lr_warmup_steps", -5)
+    page.locator("#ls-advanced").get_by_text("Expert settings").first.click()  # fold it: Start opens it again
+    page.locator("#ls-start").click()
+    expect(page.locator("#ls-train-status")).to_contain_text("LoRA rank", timeout=30_000)
+    expect(page.locator("#ls-train-status")).to_contain_text("Warm-up steps")
+    expect(page.locator("#adv-rank")).to_have_class(re.compile("ls-bad"))
+    expect(page.locator("#adv-lr_warmup_steps")).to_have_class(re.compile("ls-bad"))
+    expect(page.locator("#adv-lr_warmup_steps input").first).to_be_visible()
+    expect(page.locator("#adv-max_train_steps")).not_to_have_class(re.compile("ls-bad"))
+    shot(page, "studio-4-short-form-error")
+
+
+OUT_OF_VIEW = """(w) => [...document.querySelectorAll(
+    '[data-testid=block-info], .label-text, #ls-tabs .tab-wrapper button, label')]
+  .filter(e => e.offsetParent !== null).map(e => { const r = e.getBoundingClientRect();
+    return [e.innerText.slice(0, 40), Math.round(r.left), Math.round(r.right), e.scrollWidth > e.clientWidth + 1]; })
+  .filter(x => x[1] < 0 || x[2] > w || x[3])"""
+
+
+@pytest.mark.parametrize("width", [390, 1400])
+def test_tabs_and_labels_fit_the_window(page, app_server, width):
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto(app_server.url)
+    expect(page.locator("#ls-upload")).to_be_visible(timeout=60_000)
+    for tab in ("Dataset", "Train", "Generate", "Publish"):  # every tab a visible button inside the window
+        button = page.locator("#ls-tabs .tab-wrapper button:visible", has_text=tab)
+        expect(button).to_have_count(1)
+        box = button.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, (tab, box)
+    assert page.evaluate(OUT_OF_VIEW, width) == []
+    # an unchecked checkbox shows its box
+    page.locator("#ls-overwrite input").uncheck()
+    border = page.locator("#ls-overwrite input").evaluate("e => getComputedStyle(e).borderTopWidth")
+    assert float(border.rstrip("px")) >= 2, border
+    shot(page, f"studio-5-dataset-{width}px")
+    page.locator("#ls-tabs .tab-wrapper button:visible", has_text="Train").click()
+    expect(page.locator("#adv-rank")).to_be_visible()
+    assert page.evaluate(OUT_OF_VIEW, width) == []
+    shot(page, f"studio-6-train-{width}px")

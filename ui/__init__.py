@@ -125,7 +125,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         browser_ws = gr.BrowserState(None, storage_key="lora-studio-workspace")
         gr.Markdown("# LoRA studio\nA few photos in, a Stable Diffusion LoRA out: **Dataset → Train → Generate → "
                     "Publish**.")
-        with gr.Row():
+        with gr.Row(elem_id="ls-header") as header:
             ctx.components["concept"] = gr.Dropdown(
                 ["face", "style", "object", "custom"], value="face", label="Concept type",
                 info="Sets the caption template and every training setting (Train → Advanced).",
@@ -137,7 +137,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
             list(ctx.policy.base_models), value=ctx.policy.default_base_model(ctx.cuda), label="Base model",
             info="The models this app offers; tiny-sdxl / tiny-sd are offline demo models.",
             elem_id="ls-base-model", render=False, scale=3)
-        with gr.Tabs():
+        with gr.Tabs(elem_id="ls-tabs") as tabs:
             with gr.Tab("Dataset", id="dataset"):
                 ds = dataset_tab.build(ctx)
             with gr.Tab("Train", id="train"):
@@ -164,6 +164,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         # Each tab refreshes itself from the workspace once the id is known (re-attaches a running training).
         for tab in (ds, tr, gen, pub):
             tab["on_load"](load_ev)
+        choices.wire_tabs(ctx, load_ev, tabs, header)  # a reload lands on the open tab; the header where it matters
         choices.wire(ctx, load_ev, {"concept": ctx.components["concept"], "trigger": ctx.components["trigger"],
                                     "base_model": ctx.components["base_model"], **tr["choices"]})
 

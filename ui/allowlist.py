@@ -152,14 +152,20 @@ def check_request(values: Mapping, policy: Policy) -> None:
         raise VisitorError(" ".join(problems))
 
 
-def check_total_steps(cfg: TrainConfig, num_images: int, policy: Policy) -> None:
-    """Refuses a run whose steps (however asked for: max_train_steps, steps_per_image or epochs) exceed the
-    limit; counted with one item per batch slot, an upper bound of what the trainer will run."""
+def planned_steps(cfg: TrainConfig, num_images: int) -> int:
+    """The optimizer steps a run of ``cfg`` on ``num_images`` images trains (max_train_steps, steps_per_image or
+    epochs), counted with one item per batch slot: what the limit checks and the Train tab announces."""
     from trainer.data.sampler import compute_total_steps
 
     items = max(1, num_images) * cfg.repeats
     batches = -(-items // cfg.train_batch_size)
-    total, _ = compute_total_steps(cfg, items, batches)
+    return compute_total_steps(cfg, items, batches)[0]
+
+
+def check_total_steps(cfg: TrainConfig, num_images: int, policy: Policy) -> None:
+    """Refuses a run whose steps (however asked for: max_train_steps, steps_per_image or epochs) exceed the
+    limit; counted with one item per batch slot, an upper bound of what the trainer will run."""
+    total = planned_steps(cfg, num_images)
     if total > policy.max_train_steps:
         raise VisitorError(f"These settings train {total} steps on {num_images} image(s), above this app's limit "
                            f"of {policy.max_train_steps}: lower `max_train_steps`, `steps_per_image` or "

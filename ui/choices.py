@@ -57,3 +57,31 @@ def wire(ctx, load_ev, fields: dict) -> None:
         return out
 
     load_ev.then(restore, [ws], comps, api_visibility="private")
+
+
+# The tabs where the concept type and trigger word (the header above the tabs) matter.
+HEADER_TABS = ("dataset", "train")
+
+
+def wire_tabs(ctx, load_ev, tabs, header) -> None:
+    """The open tab is kept in the browser (``gr.BrowserState``): a reload lands on it, and on Train while this
+    session's run is queued or training. The header (concept type, trigger word) shows on Dataset and Train,
+    the tabs they change."""
+    from . import jobs as J
+
+    open_tab = gr.BrowserState("dataset", storage_key="lora-studio-tab")
+
+    def selected(evt: gr.SelectData):
+        # the tab's label ("Train") names its id ("train"); the tab ids are the labels in lower case
+        tab = str((evt._data or {}).get("id") or evt.value or "dataset").strip().lower()
+        return tab, gr.update(visible=tab in HEADER_TABS)
+
+    tabs.select(selected, None, [open_tab, header], api_visibility="private", show_progress="hidden")
+
+    def land(saved, sid):
+        job = ctx.jobs.latest(sid) if sid else None
+        tab = "train" if job is not None and job.state in J.ACTIVE else (saved or "dataset")
+        return gr.Tabs(selected=tab), tab, gr.update(visible=tab in HEADER_TABS)
+
+    load_ev.then(land, [open_tab, ctx.ws_state], [tabs, open_tab, header], api_visibility="private",
+                 show_progress="hidden")

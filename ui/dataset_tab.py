@@ -14,10 +14,36 @@ from . import caption_cards
 from .allowlist import VisitorError, check_base_model, check_caption_model
 # the dataset on disk lives in dataset_files.py; these names stay importable from here
 from .dataset_files import (PROBLEM_HEADERS, TABLE_HEADERS, caption_template, cards_of, gallery_of,  # noqa: F401
-                            ingest_files, list_images, load_problems, problems_table, read_records,
+                            ingest_files, list_images, problems_table, read_records,
                             record_trigger, rename_trigger, save_problems, save_records, table_of)
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
+TINY_CAPTIONER = "tiny-blip"  # the offline demo captioner (captioning/tiny.py)
+
+
+def default_captioner(policy, cuda: bool) -> tuple[str, str]:
+    """(the captioning model to preselect, a note saying why): without a GPU or without the Hub, the offline
+    demo captioner when the operator offers it; else the list's first."""
+    from captioning.base import offline_requested
+
+    first = policy.caption_models[0]
+    if TINY_CAPTIONER in policy.caption_models and first != TINY_CAPTIONER and (offline_requested() or not cuda):
+        why = "the Hugging Face Hub is not reachable from here" if offline_requested() else "this machine has no GPU"
+        return TINY_CAPTIONER, (f"Set to the offline demo captioner `{TINY_CAPTIONER}` because {why}: it writes "
+                                "placeholder words, so edit the captions (or pick another model when it can run).")
+    return first, ""
+
+
+def captioner_failed(model: str, err: Exception, load_error) -> str:
+    """What a failed auto-caption says: one plain sentence, no traceback."""
+    if isinstance(err, load_error) and getattr(err, "hub_unreachable", False):
+        why = "needs the Hugging Face Hub, which this app cannot reach"
+    elif isinstance(err, load_error):
+        why = "could not be loaded here"
+    else:
+        why = "stopped with an error"
+    return (f"**Auto-caption did not run:** the captioning model `{model}` {why}. Your captions are unchanged. "
+            f"Pick `{TINY_CAPTIONER}` (the offline demo captioner) or type the captions yourself.")
 
 
 def resolution_for(base_model: str) -> int:
@@ -58,10 +84,13 @@ def build(ctx) -> dict:
     cards = gr.State([])
     ctx.components["dataset_cards"] = cards  # the Train tab's one-click trigger fix redraws them
     with gr.Row():
-        cap_model = gr.Textbox(ctx.policy.caption_models[0], label="Captioning model",
-                               info="One of this app's captioning models: " + ", ".join(ctx.policy.caption_models) + ".",
-                               elem_id="ls-caption-model", scale=3)
-        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1, elem_id="ls-overwrite")
+        cap_default, cap_note = default_captioner(ctx.policy, ctx.cuda)
+        cap_model = gr.Dropdown(list(ctx.policy.caption_models), value=cap_default, label="Captioning model",
+                                info=cap_note or "One of this app's captioning models.",
+                                elem_id="ls-caption-model", scale=3, min_width=240)
+    with gr.Row():  # its own row: at 390 px the label is not squeezed beside the model
+        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1, elem_id="ls-overwrite",
+                                min_width=240)
         caption_btn = gr.Button("Auto-caption", variant="primary", elem_id="ls-autocaption", scale=1)
     check_msg = gr.Markdown("", elem_id="ls-check-msg")
     caption_cards.build(ctx, cards, gallery, table, check_msg)
@@ -140,8 +169,8 @@ def build(ctx) -> dict:
             caps = run_caption([r.path for r in todo], model=model,
                                concept=cap_concept, trigger=(trigger_v or "TOK").strip(), template=tmpl,
                                on_progress=lambda d, t: progress((d, t), desc="Captioning", unit="images"))
-        except CaptionerLoadError as e:
-            raise gr.Error(f"{e} (Offline? Use the tiny demo captioner: tiny-blip.)")
+        except Exception as e:  # noqa: BLE001 - a plain sentence, the captions stay as they were
+            return gr.skip(), captioner_failed(model, e, CaptionerLoadError), gr.skip()
         for r, c in zip(todo, caps):
             r.caption = c
         save_records(folder, recs)
@@ -172,8 +201,9 @@ def build(ctx) -> dict:
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
         recs = read_records(folder)
         res = resolution_for(base_model)
+        # the trainer's checks (unreadable, sizes, duplicates, trigger, captions over the text encoder's limit) on
+        # the files in the dataset; files skipped at upload are not in it, so they are not reported here
         found = [dict(p.to_dict()) for p in check_dataset(recs, resolution=res, trigger=(trigger_v or "TOK"))]
-        found = load_problems(folder) + found
         sizes = []
         for r in recs:
             try:

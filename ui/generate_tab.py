@@ -23,10 +23,15 @@ def _path_of(f) -> str:
 
 
 def finished_runs(ctx, sid: str) -> list[str]:
+    """The session's runs with exported LoRA files, except one still queued or training (a resumed run keeps
+    its earlier files while it trains)."""
     out = []
     d = ctx.workspaces.runs_dir(sid)
+    job = ctx.jobs.latest(sid)
+    busy = os.path.realpath(job.run_dir) if job is not None and job.state in J.ACTIVE else None
     for name in ctx.workspaces.list_runs(sid):
-        if os.path.isfile(os.path.join(d, name, "pytorch_lora_weights.safetensors")):
+        if os.path.isfile(os.path.join(d, name, "pytorch_lora_weights.safetensors")) and \
+                os.path.realpath(os.path.join(d, name)) != busy:
             out.append(name)
     return out
 

@@ -1,40 +1,29 @@
-"""Train tab: concept preset + every TrainConfig field, Start/Stop/Resume, live progress, loss plot, samples."""
+"""Train tab: concept preset, the short form + expert sections (ui/train_form.py), the run's length, Start/Stop/Resume,
+live progress, loss plot, samples."""
 from __future__ import annotations
 
-import html
 import inspect
 import json
 import os
-from dataclasses import fields
 from enum import Enum
 
 import gradio as gr
-import pandas as pd
 
-from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
+from trainer import (ConfigError, TrainConfig, coerce_field, field_type, load_preset, preset_info,
                      replace_word)
 
 from trainer.families.loading import without_paths
 
 from . import jobs as J
-from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
+from .allowlist import VisitorError, check_request, check_total_steps, planned_steps
 from .dataset_files import add_trigger, cards_of, lacking_trigger, read_records, rename_trigger, save_records
+from . import train_form
 from .sessions import safe_run_name
-from .train_view import _fmt_time, loss_frame, lr_md, progress_html  # noqa: F401 (loss_frame: tests)
+from .train_form import ADV, ADV_NAMES, SHORT_FIELDS, in_form_words, label_of  # noqa: F401 (ADV: tests)
+from .train_view import (GUESS_S_PER_STEP, _fmt_time, job_view, loss_frame, lr_md,  # noqa: F401 (tests)
+                         progress_html, run_length_md, summarize)
 
-GROUP_TITLES = {"model": "Model", "data": "Data", "prior": "Prior preservation", "text": "Pivotal tuning / text",
-                "lora": "LoRA", "optim": "Optimizer", "schedule": "Schedule & precision",
-                "output": "Output, checkpoints, samples", "general": "General"}
 CONCEPTS = ["face", "style", "object", "custom"]
-
-
-def adv_fields():
-    """The Advanced form: the visitor-settable fields of ``ui/allowlist.py``, in TrainConfig order."""
-    return [f for f in fields(TrainConfig) if f.name in VISITOR_FIELDS]
-
-
-ADV = adv_fields()
-ADV_NAMES = [f.name for f in ADV]
 
 
 # ----- values <-> components ---------------------------------------------------------------------------------
@@ -91,95 +80,14 @@ def apply_preset(concept: str, current: dict, last_applied: dict) -> tuple[dict,
     return out, new, kept
 
 
-def make_component(f, value):
-    name, meta = f.name, f.metadata
-    t, optional = field_type(name)
-    kw = dict(label=name, info=meta.get("help"), elem_id=f"adv-{name}", value=value)
-    if t is bool:
-        return gr.Checkbox(**kw)
-    if isinstance(t, type) and issubclass(t, Enum):
-        choices = ([""] if optional else []) + [m.value for m in t]
-        return gr.Dropdown(choices=choices, **kw)
-    if meta.get("choices"):
-        choices = ["" if c is None else c for c in meta["choices"]]
-        return gr.Dropdown(choices=choices, **kw)
-    if t in (int, float) and optional:
-        return gr.Textbox(placeholder="empty = default", **kw)
-    if t is int:
-        return gr.Number(precision=0, **kw)
-    if t is float:
-        return gr.Number(**kw)
-    return gr.Textbox(**kw)
-
-
 def format_config_error(err: ConfigError) -> str:
-    rows = ["| field | value | what is accepted |", "|---|---|---|"]
+    """One row per bad field, in the form's words (its label, then the field name in small print)."""
+    rows = ["| setting | value | what is accepted |", "|---|---|---|"]
     for e in err.errors:
         val = repr(e.value).replace("|", "\\|").replace("`", "'")
-        rows.append(f"| `{e.name}` | `{val}` | {e.message.replace('|', chr(92) + '|')} |")
+        msg = in_form_words(e.message).replace("|", chr(92) + "|")
+        rows.append(f"| **{label_of(e.name)}** <sub>`{e.name}`</sub> | `{val}` | {msg} |")
     return "**Error:** **The settings need a fix before training can start:**\n\n" + "\n".join(rows)
-
-
-# ----- the view of a job ---------------------------------------------------------------------------------------
-def job_view(ctx, sid: str) -> dict:
-    job = ctx.jobs.latest(sid)
-    if job is not None:
-        events, state, run, position = job.snapshot(), job.state, job.run_name, ctx.jobs.position(job)
-        if job.resume:
-            events = job.history + events
-    else:
-        runs = ctx.workspaces.list_runs(sid)
-        if not runs:
-            return {"state": "none", "run": None, "events": [], "position": 0}
-        run = runs[0]
-        state, events = J.run_state_from_disk(os.path.join(ctx.workspaces.runs_dir(sid), run))
-        position = 0
-    return {"state": state, "run": run, "events": events, "position": position}
-
-
-def summarize(view: dict) -> dict:
-    steps = [e for e in view["events"] if e.get("type") == "step"]
-    last = steps[-1] if steps else {}
-    samples, log = [], []
-    loss = None  # the last loss read so far (the trainer reads it every --log_every steps)
-    for e in view["events"]:
-        t = e.get("type")
-        if t == "step" and e.get("loss") is not None:
-            loss = e["loss"]
-        if t == "sample":
-            samples += [(p, f"step {e.get('step')}") for p in e.get("images", []) if os.path.exists(p)]
-        if t == "status":
-            log.append(f"[{t}] {e.get('message')}")
-        elif t == "started":
-            log.append(f"[started] {e.get('num_images')} images, {e.get('total_steps')} steps"
-                       + (f", resuming at step {e.get('start_step')}" if e.get("start_step") else "")
-                       + "".join(f"\n  note: {n}" for n in e.get("notes", [])))
-        elif t == "first_step":
-            log.append(f"[first step] {describe_first_step(e)}")
-        elif t == "checkpoint":
-            log.append(f"[checkpoint] step {e.get('step')}")
-        elif t == "picked":
-            log.append(f"[pick] {e.get('checkpoint')} at LoRA scale {e.get('scale')}: {e.get('why')}")
-        elif t == "sample":
-            log.append(f"[sample] step {e.get('step')}: {len(e.get('images', []))} image(s)")
-        elif t == "finished":
-            log.append("[stopped] checkpoint kept; Resume continues from it" if e.get("stopped")
-                       else f"[finished] step {e.get('step')}: " + ", ".join(sorted(e.get("artifacts", {}))))
-        elif t == "failed":
-            log.append(f"[failed] {without_paths(str(e.get('error')))}"
-                       + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
-        elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
-            log.append(f"step {e.get('step')}/{e.get('total')} loss {'-' if loss is None else round(loss, 4)}")
-    return {
-        "state": view["state"], "run": view["run"], "position": view["position"],
-        "step": last.get("step", 0), "total": last.get("total", 0), "loss": loss,
-        "lr": last.get("lr"), "d_lr": last.get("d_lr"), "s_per_it": last.get("s_per_it"), "eta_s": last.get("eta_s"),
-        "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
-        "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
-        "samples": samples, "log": log[-200:],
-        "error": next((without_paths(str(e.get("error"))) for e in reversed(view["events"])  # no server folder
-                       if e.get("type") == "failed"), None),
-    }
 
 
 # ----- the tab --------------------------------------------------------------------------------------------------
@@ -199,23 +107,14 @@ def build(ctx) -> dict:
     preset_msg = gr.Markdown("", elem_id="ls-preset-msg")
     init = preset_ui_values("face")
     last_applied = gr.State(dict(init))
-    comps: dict[str, gr.components.Component] = {}
-    with gr.Accordion("Advanced: every setting (filled by the concept's preset)", open=False, elem_id="ls-advanced"):
-        groups: dict[str, list] = {}
-        for f in ADV:
-            groups.setdefault(f.metadata.get("group", "general"), []).append(f)
-        for g, fs in groups.items():
-            with gr.Accordion(GROUP_TITLES.get(g, g.capitalize()), open=(g == "schedule")):
-                for i in range(0, len(fs), 3):
-                    with gr.Row():
-                        for f in fs[i:i + 3]:
-                            comps[f.name] = make_component(f, init[f.name])
+    comps, sections = train_form.build(init)
     adv_list = [comps[n] for n in ADV_NAMES]
 
+    run_length = gr.Markdown("", elem_id="ls-run-length")
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="ls-start")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop")
-        resume_btn = gr.Button("Resume", elem_id="ls-resume")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop", interactive=False)
+        resume_btn = gr.Button("Resume", elem_id="ls-resume", interactive=False)
     status = gr.Markdown("", elem_id="ls-train-status")
     fix_btn = gr.Button("Add the trigger to the captions", visible=False, variant="primary", elem_id="ls-fix-trigger")
     progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
@@ -223,8 +122,9 @@ def build(ctx) -> dict:
     with gr.Row():
         loss_plot = gr.LinePlot(loss_frame({"losses": [], "val_losses": []}), x="step", y="loss", color="series",
                                 label="Loss", elem_id="ls-loss", height=260, scale=3)
-        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="ls-samples", scale=2)
-    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="ls-log", interactive=False)
+        samples = gr.Gallery(label="Sample images (newest first)", columns=4, height=260, elem_id="ls-samples", scale=2)
+    log = gr.Textbox(label="Log (newest line first)", lines=8, max_lines=8, autoscroll=False, elem_id="ls-log",
+                     interactive=False)
     status_json = gr.JSON(visible=False)
     timer = gr.Timer(1.0, active=False)
 
@@ -236,8 +136,11 @@ def build(ctx) -> dict:
         info = preset_info(concept_v)
         msg = f"**{info.get('label', concept_v)}** preset applied. {info.get('description', '').strip()}"
         if kept:
-            msg += "\n\nKept your own values for: " + ", ".join(f"`{k}` = {out[k]}" for k in kept)
-        return [out[n] for n in ADV_NAMES] + [new_last, msg]
+            msg += "\n\nKept your own values for: " + ", ".join(f"**{label_of(k)}** = {out[k]}" for k in kept)
+        # the short form's hints name the new preset's value
+        shown = [gr.update(value=out[n], info=train_form.preset_hint(n, new_last[n])) if n in SHORT_FIELDS
+                 else out[n] for n in ADV_NAMES]
+        return shown + [new_last, msg]
 
     set_concept.__signature__ = inspect.Signature(
         [inspect.Parameter("concept", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -254,10 +157,20 @@ def build(ctx) -> dict:
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
         brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
-        shown = ctx.served(sid, s["samples"])  # the session's own copies (ui/file_guard.py)
-        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), shown, brief, gr.Timer(active=active)]
+        shown = ctx.served(sid, s["samples"][::-1])  # the session's own copies (ui/file_guard.py), newest first
+        resumable = s["state"] in (J.STOPPED, J.FAILED) and bool(s["run"]) and os.path.isdir(
+            os.path.join(ctx.workspaces.runs_dir(sid), s["run"], "checkpoints"))
+        # the log newest line first: the latest is what people look for
+        return [progress_html(s), lr_md(s), df, "\n".join(s["log"][::-1]), shown, brief,
+                gr.Timer(active=active), gr.update(interactive=active), gr.update(interactive=resumable)]
 
-    view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
+    view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer, stop_btn, resume_btn]
+
+    bad_fields: dict[str, list] = {}  # session -> the fields the last Start's error named (outlined by mark)
+
+    def refuse(sid, msg: str, names: list) -> list:
+        bad_fields[sid] = names
+        return [f"**Error:** {in_form_words(msg)}"] + view_outputs(sid)
 
     def start(*args):
         out = _start(*args)
@@ -278,7 +191,7 @@ def build(ctx) -> dict:
         try:
             check_request({**values, "pretrained_model_name_or_path": base_v}, ctx.policy)
         except VisitorError as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
+            return refuse(sid, str(e), train_form.fields_named(str(e)))
         if trig != "TOK":
             for k in ("instance_prompt", "validation_prompt", "class_prompt"):
                 if isinstance(values.get(k), str):
@@ -305,11 +218,12 @@ def build(ctx) -> dict:
         try:
             cfg = TrainConfig.from_sources(**values)
         except ConfigError as e:
+            bad_fields[sid] = [x.name for x in e.errors]
             return [format_config_error(e)] + view_outputs(sid)
         try:
             check_total_steps(cfg, len(recs), ctx.policy)
         except VisitorError as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
+            return refuse(sid, str(e), train_form.fields_named(str(e)))
         try:
             job = ctx.jobs.submit(sid, cfg)
         except RuntimeError as e:
@@ -357,6 +271,36 @@ def build(ctx) -> dict:
             return [f"**Error:** {e}"] + view_outputs(sid)
         return [f"Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
 
+    def length_of(base_v, *args):
+        *vals, ws_id, request = args
+        sid = ctx.sid(ws_id, request)
+        n = len(read_records(ctx.workspaces.uploads_dir(sid)))
+        try:
+            cfg = TrainConfig.from_dict({n_: from_ui(n_, v) for n_, v in zip(ADV_NAMES, vals)})
+        except ConfigError as e:
+            bad = ", ".join(f"**{label_of(x.name)}**" for x in e.errors)
+            return f"**This run:** fix {bad} to see its length."
+        measured = summarize(job_view(ctx, sid)).get("s_per_it")
+        base = (base_v or "").strip()
+        tiny = base.startswith("tiny")
+        guess = GUESS_S_PER_STEP["tiny" if tiny else ("sdxl" if "xl" in base.lower() else "sd")]
+        return run_length_md(planned_steps(cfg, n), n, measured or guess, bool(measured),
+                             cpu_only=not ctx.cuda and not tiny)
+
+    length_of.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+         for n in ["base_model"] + ADV_NAMES + ["ws", "request"]])
+    length_of.__annotations__ = {"request": gr.Request}
+    length_inputs = [base_model] + adv_list + [ws]
+    gr.on([base_model.change, ctx.components["dataset_cards"].change, concept.change]
+          + [comps[n].change for n in ("max_train_steps", "steps_per_image", "repeats", "train_batch_size",
+                                        "gradient_accumulation_steps", "num_train_epochs")],
+          length_of, length_inputs, [run_length], api_visibility="private", trigger_mode="always_last",
+          show_progress="hidden")
+
+    def mark(ws_id, request: gr.Request):
+        return train_form.mark_fields(bad_fields.pop(ctx.sid(ws_id, request), []), sections)
+
     def poll(ws_id, request: gr.Request):
         return view_outputs(ctx.sid(ws_id, request))
 
@@ -368,7 +312,8 @@ def build(ctx) -> dict:
          for n in ["run_name", "concept", "trigger", "base_model"] + ADV_NAMES + ["ws", "request"]])
     start.__annotations__ = {"request": gr.Request}
     start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws],
-                    [status] + view_comps + [fix_btn], api_name="start_training")
+                    [status] + view_comps + [fix_btn], api_name="start_training").then(
+        mark, [ws], adv_list + list(sections.values()), api_visibility="private", show_progress="hidden")
 
     def fix_captions(concept_v, trigger_v, instance_prompt_v, ws_id, request: gr.Request):
         """The one-click fix of a refused Start: the trigger goes into every caption that lacks it."""
@@ -388,7 +333,8 @@ def build(ctx) -> dict:
     status_btn.click(status_api, [ws], [status_json], api_name="training_status")
 
     def on_load(load_ev):
-        load_ev.then(poll, [ws], view_comps, api_visibility="private")
+        load_ev.then(poll, [ws], view_comps, api_visibility="private").then(
+            length_of, length_inputs, [run_length], api_visibility="private", show_progress="hidden")
 
     # what a reload puts back (ui/choices.py): the run name, every setting and the preset they came from
     choices = {"run_name": run_name, **{n: comps[n] for n in ADV_NAMES}, "last_applied": last_applied}
