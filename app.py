@@ -35,6 +35,11 @@ def parse_args(argv=None):
                    help="Most optimizer steps one visitor's run may train.")
     p.add_argument("--max-resolution", type=int, default=d.max_resolution,
                    help="Highest training resolution (pixels) a visitor may ask for.")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="Most workspaces (browser sessions active within --max-idle-hours) at once; a new visitor "
+                        "beyond it is told to come back later.")
+    p.add_argument("--max-runs-per-session", type=int, default=d.max_runs_per_session,
+                   help="Most runs one session may have queued or running at once.")
     return p.parse_args(argv)
 
 
@@ -49,7 +54,8 @@ def policy_of(args):
         return out
 
     return Policy(base_models=names(args.base_models), caption_models=names(args.caption_models),
-                  max_train_steps=args.max_steps, max_resolution=args.max_resolution)
+                  max_train_steps=args.max_steps, max_resolution=args.max_resolution,
+                  max_sessions=args.max_sessions, max_runs_per_session=args.max_runs_per_session)
 
 
 def main(argv=None):

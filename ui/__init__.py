@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -12,7 +13,7 @@ import gradio as gr
 
 from .allowlist import Policy
 from .jobs import JobManager
-from .sessions import SessionFileGuard, Workspaces, valid_session_id
+from .sessions import SessionFileGuard, SessionLimitError, Workspaces, valid_session_id
 
 
 
@@ -94,10 +95,14 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
     from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
     from .theme import make_theme
 
-    workspaces = Workspaces(root, max_idle_s=max_idle_s)
+    policy = policy or Policy()
+    workspaces = Workspaces(root, max_idle_s=max_idle_s, max_sessions=policy.max_sessions)
     engine = EngineHolder()
-    jobs = JobManager(before_train=[_release_captioners, engine.release])
-    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy or Policy())
+    # the queue is durable (ui/queue_store.py): queued and running jobs come back after a restart
+    jobs = JobManager(before_train=[_release_captioners, engine.release],
+                      store=os.path.join(workspaces.root, "queue.json"),
+                      max_runs_per_session=policy.max_runs_per_session)
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy)
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
 
     with gr.Blocks(title="LoRA studio") as demo:
@@ -131,7 +136,10 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
 
         def on_load(saved, request: gr.Request):
             sid = saved if (saved and workspaces.exists(saved)) else request.session_hash
-            workspaces.session_dir(sid)
+            try:
+                workspaces.session_dir(sid)
+            except SessionLimitError as e:  # the operator's --max-sessions
+                raise gr.Error(str(e))
             return sid, sid
 
         load_ev = demo.load(on_load, inputs=[browser_ws], outputs=[ctx.ws_state, browser_ws],

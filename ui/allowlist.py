@@ -79,6 +79,8 @@ class Policy:
     caption_models: tuple[str, ...] = DEFAULT_CAPTION_MODELS
     max_train_steps: int = 5000  # optimizer steps of one run, however they are asked for
     max_resolution: int = 1024
+    max_sessions: int = 200  # workspaces seen within the idle time (older ones do not count)
+    max_runs_per_session: int = 1  # queued + running runs of one session
 
     def default_base_model(self, cuda: bool) -> str:
         """SDXL on a GPU, the tiny demo model without one, when offered; else the list's first."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import html
 import inspect
-import json
 import os
+import shutil
 from dataclasses import fields
 from enum import Enum
 
@@ -14,9 +14,13 @@ import pandas as pd
 from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
                      replace_word)
 
+from trainer.checkpoint import is_disk_full, latest_checkpoint
+
 from . import jobs as J
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
+from .dataset_store import DISK_FULL, edit_lock, freeze_dataset
 from .dataset_tab import read_records, save_records
+from .queue_store import load_config
 from .sessions import safe_run_name
 from .train_view import _fmt_time, loss_frame, lr_md, progress_html  # noqa: F401 (loss_frame: tests)
 
@@ -257,12 +261,10 @@ def build(ctx) -> dict:
         *vals, ws_id, request = args
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
-        recs = read_records(folder)
-        if not recs:
-            return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
-        save_records(folder, recs)
         trig = (trigger_v or "TOK").strip()
         values = {n: from_ui(n, v) for n, v in zip(ADV_NAMES, vals)}
+        if not read_records(folder):
+            return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
         try:
             check_request({**values, "pretrained_model_name_or_path": base_v}, ctx.policy)
         except VisitorError as e:
@@ -276,23 +278,32 @@ def build(ctx) -> dict:
         while os.path.exists(run_dir):
             run_dir = ctx.workspaces.run_dir(sid, f"{name}-{n}")
             n += 1
+        # The run trains on its own copy of the dataset (edits after Start change the next run, never this one)
+        try:
+            with edit_lock(folder):
+                recs = read_records(folder)
+                if not recs:
+                    return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
+                save_records(folder, recs)
+                frozen = freeze_dataset(recs, folder, run_dir)
+        except OSError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if is_disk_full(e):
+                return [f"**Error:** {DISK_FULL}"] + view_outputs(sid)
+            return ["**Error:** The dataset could not be copied for this run; try again."] + view_outputs(sid)
         values.update(pretrained_model_name_or_path=(base_v or "").strip(), token_abstraction=trig,
-                      concept=concept_v, preset=concept_v, instance_data_dir=folder, output_dir=run_dir,
+                      concept=concept_v, preset=concept_v, instance_data_dir=frozen, output_dir=run_dir,
                       resume_from_checkpoint=None,
                       class_data_dir=os.path.join(run_dir, "class_images") if values.get("with_prior_preservation")
                       else None)
         try:
             cfg = TrainConfig.from_sources(**values)
-        except ConfigError as e:
-            return [format_config_error(e)] + view_outputs(sid)
-        try:
             check_total_steps(cfg, len(recs), ctx.policy)
-        except VisitorError as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
-        try:
             job = ctx.jobs.submit(sid, cfg)
-        except RuntimeError as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
+        except (ConfigError, VisitorError, RuntimeError) as e:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of a refused run is kept
+            msg = format_config_error(e) if isinstance(e, ConfigError) else f"**Error:** {e}"
+            return [msg] + view_outputs(sid)
         renamed = "" if os.path.basename(run_dir) == name else f" (a run named '{name}' exists, so this one " \
                                                                  f"is '{os.path.basename(run_dir)}')"
         pos = ctx.jobs.position(job)
@@ -313,27 +324,30 @@ def build(ctx) -> dict:
         if job is not None and job.state in J.ACTIVE:
             return [f"'{job.run_name}' is still {job.state}."] + view_outputs(sid)
         if job is not None:
-            cfg, run_dir = job.config, job.run_dir
+            run_dir = job.run_dir
         else:
             runs = ctx.workspaces.list_runs(sid)
             if not runs:
                 return ["No run to resume."] + view_outputs(sid)
             run_dir = os.path.join(ctx.workspaces.runs_dir(sid), runs[0])
-            try:
-                with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-                    cfg = TrainConfig.from_dict(json.load(f))
-            except (OSError, ValueError, ConfigError) as e:
-                return [f"**Error:** Cannot read the run's config: {e}"] + view_outputs(sid)
-        if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            return ["**Error:** This run has no checkpoint yet; start it again instead."] + view_outputs(sid)
+        # the run's saved config.json: the plan it trained with (never a new preflight), on its frozen dataset;
+        # a run stopped before training wrote none, and starts again as it was submitted
+        cfg = load_config(run_dir) or (job.config if job is not None else None)
+        if cfg is None:
+            return ["**Error:** This run's settings cannot be read; start a new run."] + view_outputs(sid)
         state, history = J.run_state_from_disk(run_dir)
         if state == J.FINISHED:
             return ["This run already finished."] + view_outputs(sid)
+        if not cfg.instance_data_dir or not os.path.isdir(cfg.instance_data_dir):
+            return ["**Error:** This run's copy of the dataset is gone; start a new run."] + view_outputs(sid)
+        again = latest_checkpoint(os.path.join(run_dir, "checkpoints")) is None
         try:
-            cfg = cfg.replace(resume_from_checkpoint="latest").validate()
+            cfg = cfg.replace(resume_from_checkpoint=None if again else "latest").validate()
             new = ctx.jobs.submit(sid, cfg, resume=True, history=history)
         except (RuntimeError, ConfigError) as e:
             return [f"**Error:** {e}"] + view_outputs(sid)
+        if again:
+            return [f"**{new.run_name}** had no checkpoint yet: it starts again from step 0."] + view_outputs(sid)
         return [f"Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
 
     def poll(ws_id, request: gr.Request):
