@@ -62,8 +62,12 @@ def main(argv=None):
     args = parse_args(argv)
     from ui import build_app
 
-    demo, launch_kwargs = build_app(root=args.root, max_idle_s=args.max_idle_hours * 3600, policy=policy_of(args))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs)
+    demo, launch_kwargs = build_app(root=args.root, max_idle_s=args.max_idle_hours * 3600, policy=policy_of(args),
+                                    start_jobs=False)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_kwargs)
+    demo.ls_context.jobs.start()  # jobs restored from the queue train once the server answers
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -128,3 +128,24 @@ def test_auto_caption_keeps_an_edit_made_while_it_captions(app, tmp_path):
     assert all("TOK" in caps[n] for n in names[1:]) and "Kept 1 caption" in note, (caps, note)
     _, table = c.predict(api_name="/list_dataset")
     assert {r[0]: r[1] for r in rows(table)} == caps  # what was written is what the table shows
+
+
+def test_the_captioner_never_gets_the_gpu_a_training_holds():
+    """ui/gpu.py with the GPU injected: CPU while a training holds it; a training waits for a GPU captioner."""
+    import threading
+
+    from ui.gpu import GpuArbiter
+
+    gpu = GpuArbiter(cuda=lambda: True)
+    with gpu.training():
+        with gpu.captioning() as device:
+            assert device == "cpu"
+    started, waited = threading.Event(), []
+    with gpu.captioning() as device:
+        assert device == "cuda"
+        t = threading.Thread(target=lambda: gpu.training(on_wait=lambda: waited.append(1)).__enter__() or
+                             started.set())
+        t.start()
+        assert not started.wait(0.3)  # the training waits while the captioner holds the GPU
+    assert started.wait(5) and waited == [1]
+    assert GpuArbiter(cuda=lambda: False).captioning().__enter__() == "cpu"

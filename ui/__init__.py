@@ -90,8 +90,10 @@ footer {display: none !important;}
 
 
 def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every_s: float = 600,
-              policy: Optional[Policy] = None):
-    """Returns ``(demo, launch_kwargs)``; ``policy`` holds the operator's choices for visitors."""
+              policy: Optional[Policy] = None, start_jobs: bool = True):
+    """Returns ``(demo, launch_kwargs)``; ``policy`` holds the operator's choices for visitors. With
+    ``start_jobs=False`` no job trains until ``demo.ls_context.jobs.start()`` (``app.py`` calls it once the
+    server is up, so a job restored from the queue does not slow the launch)."""
     from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
     from .theme import make_theme
 
@@ -101,7 +103,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
     # the queue is durable (ui/queue_store.py): queued and running jobs come back after a restart
     jobs = JobManager(before_train=[_release_captioners, engine.release],
                       store=os.path.join(workspaces.root, "queue.json"),
-                      max_runs_per_session=policy.max_runs_per_session)
+                      max_runs_per_session=policy.max_runs_per_session, start=start_jobs)
     ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy)
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
 

@@ -68,7 +68,8 @@ def _note(job: Job, message: str) -> None:
 
 class JobManager:
     def __init__(self, train_fn: Optional[Callable] = None, before_train: Optional[list[Callable]] = None,
-                 store: Optional[str] = None, max_runs_per_session: int = 1, gpu: Optional[GpuArbiter] = None):
+                 store: Optional[str] = None, max_runs_per_session: int = 1, gpu: Optional[GpuArbiter] = None,
+                 start: bool = True):
         self._train_fn = train_fn
         self.before_train = list(before_train or [])
         self.max_runs_per_session = max(1, int(max_runs_per_session))
@@ -81,7 +82,13 @@ class JobManager:
         if store:
             self._restore(store)
         self._worker = threading.Thread(target=self._work, name="training-worker", daemon=True)
-        self._worker.start()
+        if start:  # else start() later (the app starts it once the server answers: a restored job waits)
+            self._worker.start()
+
+    def start(self) -> None:
+        """Starts the worker (once); with ``start=False`` nothing trains before this call."""
+        if not self._worker.is_alive() and self._worker.ident is None:
+            self._worker.start()
 
     # ----- submitting -------------------------------------------------------------------------------------
     def submit(self, session: str, config: Any, resume: bool = False,

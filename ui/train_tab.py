@@ -179,6 +179,9 @@ def summarize(view: dict) -> dict:
         "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
         "samples": samples, "log": log[-200:],
         "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
+        # what the queue said to this session (e.g. after a restart: kept its place, or interrupted: Resume)
+        "notice": next((e.get("message") for e in reversed(view["events"])
+                        if e.get("type") == "status" and e.get("phase") == "queue"), None),
     }
 
 

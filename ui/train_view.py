@@ -41,6 +41,8 @@ def progress_html(s: dict) -> str:
             text += f" · loss {s['loss']:.4f}"
     if state == J.FAILED and s["error"]:
         text += f" · {html.escape(str(s['error']))}"
+    if state in (J.INTERRUPTED, J.QUEUED) and s.get("notice"):
+        text += f" · {s['notice']}"
     return (f"<div id='ls-progress' data-state='{state}'><div class='bar'><div class='fill' style='width:{pct}%'>"
             f"</div></div><div class='txt'><b>{html.escape(s['run'] or '')}</b> · {html.escape(text)}</div></div>")
 
