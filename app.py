@@ -40,6 +40,12 @@ def parse_args(argv=None):
                         "beyond it is told to come back later.")
     p.add_argument("--max-runs-per-session", type=int, default=d.max_runs_per_session,
                    help="Most runs one session may have queued or running at once.")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                   help="Largest upload request (all its files together), in MB; larger ones are refused unread.")
+    p.add_argument("--max-upload-files", type=int, default=d.max_upload_files,
+                   help="Most files one upload may carry.")
+    p.add_argument("--max-images", type=int, default=d.max_dataset_images,
+                   help="Most images one session's dataset may hold.")
     return p.parse_args(argv)
 
 
@@ -55,6 +61,8 @@ def policy_of(args):
 
     return Policy(base_models=names(args.base_models), caption_models=names(args.caption_models),
                   max_train_steps=args.max_steps, max_resolution=args.max_resolution,
+                  max_upload_mb=args.max_upload_mb, max_upload_files=args.max_upload_files,
+                  max_dataset_images=args.max_images,
                   max_sessions=args.max_sessions, max_runs_per_session=args.max_runs_per_session)
 
 

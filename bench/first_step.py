@@ -30,6 +30,12 @@ def child(args) -> None:
     sys.path.insert(0, args.root)
     import resource
 
+    try:  # on a shared machine, if memory runs out this run is the one the kernel ends, not a neighbour's
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
     import numpy as np
     import torch
     from PIL import Image
@@ -99,6 +105,31 @@ def child(args) -> None:
     train(cfg, on_event=on_event)
 
 
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def wait_for_memory(min_gib: float, max_wait_s: float = 1800) -> float:
+    """Waits (polling every 10 s, up to ``max_wait_s``) until ``min_gib`` GiB are available; returns what is
+    available then, in GiB. On a shared machine a run of the real model started short of memory would be killed,
+    or would make the preflight choose other settings than the run it is compared with."""
+    t0 = time.time()
+    while min_gib and mem_available() < min_gib * 2**30:
+        if time.time() - t0 > max_wait_s:
+            raise SystemExit(f"only {mem_available() / 2**30:.1f} GiB available after {max_wait_s:.0f} s of "
+                             f"waiting (need {min_gib} GiB): not measured")
+        time.sleep(10)
+    return mem_available() / 2**30
+
+
 def run_child(root: str, data: str, args, out: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--root", root, "--data", data, "--out", out,
            "--model", args.model, "--resolution", str(args.resolution), "--images", str(args.images),
@@ -108,11 +139,18 @@ def run_child(root: str, data: str, args, out: str) -> dict:
     if root != ROOT:
         cmd += ["--no_phases_ok"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=root)
+    available = wait_for_memory(args.min_available_gib)
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise SystemExit(f"run in {root} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+        raise SystemExit(f"run in {root} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    result.update(available_gib_before=round(available, 1), load_before=round(load, 2),
+                  load_after=round(os.getloadavg()[0], 2))
+    print(f"# run in {root}: {result['seconds']:.1f} s wall, {result['cpu_seconds']:.1f} s CPU, "
+          f"{available:.1f} GiB available before, load {load:.2f} -> {result['load_after']:.2f}", flush=True)
+    return result
 
 
 def main(argv=None) -> int:
@@ -125,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed_precision", default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1: CPU seconds stay "
                    "comparable on a shared machine; 0: torch's default)")
+    p.add_argument("--min-available-gib", type=float, default=0, help="before each run, wait until this much "
+                   "memory is available (the real SDXL in bf16 needs ~16 GiB for the run that loads it twice)")
     p.add_argument("--before", help="root of the other checkout (without it only this checkout is measured)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--json", help="write the runs and the ratio here")

@@ -82,6 +82,7 @@ class Engine:
 
     def _ensure_pipeline(self, base_model: str) -> float:
         from trainer.families import ModelLoadError, detect_family, resolve
+        from trainer.families.loading import wrap_load_error
 
         key = (base_model, str(self.dtype), self.device)
         if self.pipe is not None and self._key == key:
@@ -97,9 +98,8 @@ class Engine:
             pipe = family.pipeline_class().from_pretrained(path, **kwargs)
         except ModelLoadError as exc:
             raise InferenceInputError(str(exc)) from None
-        except Exception as exc:
-            raise InferenceInputError(f"Could not load base model {base_model!r}: {type(exc).__name__}: "
-                                      f"{str(exc)[:300]}") from None
+        except Exception as exc:  # a missing safetensors file included: the one message of the loader role
+            raise InferenceInputError(str(wrap_load_error(base_model, exc))) from None
         # the pooled text vector at the end-of-text token, as in training (trainer/families/pooling.py)
         pool_at_end_of_text([getattr(pipe, a) for a in family.text_encoder_attrs],
                             [getattr(pipe, a) for a in family.tokenizer_attrs])

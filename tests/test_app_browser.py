@@ -44,7 +44,7 @@ def app_page(page, app_server):
     page.route("**/*", route)
     page.set_default_timeout(30_000)
     page.goto(app_server.url)
-    expect(page.locator("#ls-upload")).to_be_visible()
+    expect(page.locator("#ls-upload")).to_be_visible(timeout=60_000)
     yield page
     assert not outside, f"the page tried to reach outside the app: {outside[:5]}"
 

@@ -4,6 +4,7 @@ content + bucket + flip + VAE (a second run never runs the VAE; torn or corrupt 
 time to the first step by phase in the event stream, the CLI and the app log."""
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections import Counter
@@ -113,6 +114,51 @@ def test_a_plan_that_lowers_the_resolution_reencodes_only_the_new_buckets(tmp_pa
     assert sum(_loads(spies).values()) == 4  # UNet, VAE, two text encoders: once for the three measurements
     assert spies["vae_images"] == 2 * len(SIZES)  # every image at 256 px, then at 128 px; never again
     assert not any("lora" in n for n, _ in inputs.comps.unet.named_parameters())  # released after measuring
+
+
+def test_auto_fit_that_lowers_the_resolution_encodes_each_latent_once(tmp_path, tiny_sdxl, spies, monkeypatch):
+    """The whole ``train()`` with ``--auto_fit``: the plan lowers 256 -> 128 px, the run trains at 128 px. Every
+    (image, bucket) latent is encoded exactly once over the measurements and the run: the 256 px ones by the
+    setup's read, the 128 px ones by the measurement that first needs them; the run itself encodes none."""
+    from trainer.data.checks import pixel_sha256
+    from trainer.preflight import plan as plan_mod
+    from trainer.training.inputs import run_buckets
+    from trainer.training.latents import LatentStore
+
+    write_dataset(str(tmp_path / "data"), sizes=SIZES)
+    encoded: Counter = Counter()  # (image content, bucket, flip) -> VAE encodes
+    encode = LatentStore.encode
+
+    def counted(self, image, bucket, flip, crop_seed=0):
+        encoded[(pixel_sha256(image), tuple(bucket), flip)] += 1
+        return encode(self, image, bucket, flip, crop_seed)
+
+    monkeypatch.setattr(LatentStore, "encode", counted)
+    real_measure, measured = plan_mod.measure_run, []
+
+    def over_budget_above_128(cfg, **kw):  # the fault: a real measurement whose peak fits only at 128 px
+        m = real_measure(cfg, **kw)
+        measured.append((cfg.resolution, sum(encoded.values())))
+        m.peak_bytes = 1 if cfg.resolution <= 128 else 2**60
+        return m
+
+    monkeypatch.setattr(plan_mod, "measure_run", over_budget_above_128)
+    monkeypatch.setattr(plan_mod, "available_memory", lambda: 2**40)
+    import trainer.preflight as preflight_pkg  # train() imports it at call time; tiny sizes: allow 128 px
+
+    monkeypatch.setattr(preflight_pkg, "preflight", functools.partial(preflight_pkg.preflight, min_resolution=128))
+    res = train(_cfg(tmp_path, resolution=256, auto_fit=True, train_text_encoder_ti=False))
+    assert res.step == 2
+    assert [r for r, _ in measured] == [256, 256, 128]  # as given, + gradient checkpointing, + 128 px
+    assert sum(_loads(spies).values()) == 4  # UNet, VAE, two text encoders: once for measurements and run
+    cfg = _cfg(tmp_path)
+    per_res = {r: sum(n for (_, b, _f), n in encoded.items() if b in run_buckets(cfg, r)) for r in (256, 128)}
+    assert per_res == {256: len(SIZES), 128: len(SIZES)}, encoded  # each image at 256 px and at 128 px...
+    assert set(encoded.values()) == {1}, encoded  # ...each exactly once: nothing encoded twice
+    assert measured[1][1] == len(SIZES)  # the second 256 px measurement encoded nothing new
+    assert spies["vae_images"] == 2 * len(SIZES)  # and the run at 128 px read all of its latents back
+    first = [e for e in read_events(str(tmp_path / "run" / "events.jsonl")) if e["type"] == "started"]
+    assert any("resolution 256 -> 128 px" in n for n in first[0]["notes"])
 
 
 def test_second_run_on_the_same_images_never_runs_the_vae(tmp_path, tiny_sdxl, spies):

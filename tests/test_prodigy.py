@@ -105,3 +105,31 @@ def test_optimizer_benchmark_counts_the_reads(tiny_sdxl):
     n = int(lines[0].split(": ")[1].split(" LoRA tensors")[0])
     assert "prodigyopt.prodigy.Prodigy" in lines[1] and f"{2 * n} host reads/step" in lines[1]
     assert "SyncFreeProdigy" in lines[2] and " 1 host reads/step" in lines[2]
+
+
+def test_prodigy_with_another_text_encoder_lr_trains_with_one_lr(tmp_path, dataset, tiny_sdxl):
+    """prodigyopt refuses a second non-zero lr at its first step; like diffusers' script, every group then uses
+    --learning_rate, and the run says so (it used to die at step 1 after loading the model)."""
+    from trainer import TrainConfig, read_events, train
+
+    cfg = TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=dataset,
+                                   output_dir=str(tmp_path / "r"), max_train_steps=2, rank=4, seed=1,
+                                   optimizer="prodigy", learning_rate=1.0, text_encoder_lr=0.5,
+                                   train_text_encoder_ti=True)
+    assert cfg.effective_text_lr == 1.0 and any("--text_encoder_lr 0.5 is ignored" in w for w in cfg.warnings())
+    res = train(cfg)
+    assert res.step == 2
+    notes = [n for e in read_events(os.path.join(res.run_dir, "events.jsonl")) for n in e.get("notes", [])]
+    assert any("--text_encoder_lr 0.5 is ignored" in n for n in notes)
+    # AdamW keeps its own text lr
+    assert cfg.replace(optimizer="adamw", learning_rate=1e-4, text_encoder_lr=3e-4).effective_text_lr == 3e-4
+
+
+def test_presets_agree_with_prodigy_one_lr():
+    """Every preset that chooses Prodigy gives the text parameters the UNet's lr (nothing is silently ignored)."""
+    from trainer.config.files import available_presets, load_preset
+
+    for name in available_presets():
+        values = load_preset(name)
+        if values.get("optimizer") == "prodigy":
+            assert values.get("text_encoder_lr") in (None, values["learning_rate"]), name

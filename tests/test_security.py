@@ -154,3 +154,124 @@ def test_extra_raw_values_set_nothing_and_the_server_token_is_never_spent(app, h
     assert "rejected the token" in res and VISITOR_TOKEN not in res, res
     assert hub.requests and not server_token_seen(hub)
     assert all(r[2] == f"Bearer {VISITOR_TOKEN}" for r in hub.requests), hub.requests
+
+
+# ----- 6. a full disk during an upload; 7. safetensors only (in-process, at the named points) -----------------
+def _noise_png(path, side=420, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype="uint8")  # incompressible
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def _dataset_files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_a_full_disk_during_an_upload_says_so_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    import uploads.store
+    from uploads.ingest import ingest_files
+
+    srcs = [_noise_png(tmp_path / f"p{i}.png", 64, i) for i in range(3)]
+    dest = tmp_path / "uploads"
+    dest.mkdir()
+    calls = []
+
+    def write_bytes(src, dst):  # the second file hits a full disk halfway through its bytes
+        calls.append(1)
+        if len(calls) == 2:
+            dst.write(src.read(100))
+            raise OSError(errno.ENOSPC, "No space left on device", "/srv/secret/uploads/.p1.png.part")
+        return real(src, dst)
+
+    real = uploads.store.write_bytes
+    monkeypatch.setattr(uploads.store, "write_bytes", write_bytes)
+    added, problems, _ = ingest_files(srcs, str(dest))
+    assert [os.path.basename(a) for a in added] == ["p0.png"]
+    assert [p["code"] for p in problems] == ["disk_full"]
+    msg = problems[0]["message"] + problems[0]["fix"]
+    assert "disk is full" in msg and "/srv" not in msg and str(tmp_path) not in msg
+    assert _dataset_files(dest) == ["p0.png"]  # no half-written p1.png, no .part file
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root); skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_uploads_onto_a_real_full_disk(tmp_path, small_disk):
+    import zipfile
+
+    from uploads.ingest import ingest_files
+
+    srcs = [_noise_png(tmp_path / f"p{i}.png", seed=i) for i in range(4)]  # ~530 KB each: the 2nd does not fit
+    dest = small_disk / "uploads"
+    dest.mkdir()
+    added, problems, _ = ingest_files(srcs, str(dest))
+    assert len(added) == 1 and [p["code"] for p in problems] == ["disk_full"], problems
+    assert "disk is full" in problems[0]["message"] and str(small_disk) not in problems[0]["message"]
+    assert _dataset_files(dest) == ["p0.png"]
+    os.remove(dest / "p0.png")
+    zpath = tmp_path / "photos.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_STORED) as zf:
+        for s in srcs:
+            zf.write(s, os.path.basename(s))
+    added, problems, _ = ingest_files([str(zpath)], str(dest))
+    assert any(p["code"] == "disk_full" for p in problems), problems
+    assert all(str(small_disk) not in p["message"] for p in problems)
+    assert all(not n.endswith(".part") and not n.startswith(".zip-") for n in os.listdir(dest)), os.listdir(dest)
+
+
+def test_base_models_load_safetensors_only(tmp_path, tiny_sd):
+    import glob
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from generation import Engine, InferenceInputError
+    from trainer.families import detect_family
+    from trainer.families.loading import ModelLoadError, load_parts
+
+    pickled = str(tmp_path / "pickled-sd")
+    shutil.copytree(tiny_sd, pickled)
+    unet = UNet2DConditionModel.from_pretrained(pickled, subfolder="unet")
+    for f in glob.glob(os.path.join(pickled, "unet", "*.safetensors")):
+        os.remove(f)
+    unet.save_pretrained(os.path.join(pickled, "unet"), safe_serialization=False)  # a pickled .bin only
+    assert os.path.isfile(os.path.join(pickled, "unet", "diffusion_pytorch_model.bin"))
+    with pytest.raises(ModelLoadError, match="no .safetensors weights") as ei:
+        load_parts(detect_family(pickled), pickled)
+    assert os.path.join(pickled, "unet") not in str(ei.value)
+    with pytest.raises(InferenceInputError, match="no .safetensors weights") as ei:
+        Engine()._ensure_pipeline(pickled)
+    assert os.path.join(pickled, "unet") not in str(ei.value)
+
+
+def test_the_idle_cleaner_deletes_the_served_copies_too(tmp_path):
+    from ui.file_guard import SessionFiles
+    from ui.sessions import Workspaces
+
+    ws = Workspaces(str(tmp_path / "root"), max_idle_s=60)
+    files = SessionFiles(ws.sessions_root, cache_dir=str(tmp_path / "cache"))
+    ws.on_clean.append(files.purge)
+    sid = ws.new_id()
+    photo = _noise_png(os.path.join(ws.uploads_dir(sid), "me.png"), 32)
+    copy = files.copy_for(sid, photo)
+    assert copy and os.path.isfile(copy) and copy.startswith(str(tmp_path / "cache"))
+    assert files.copy_for(sid, photo) == copy  # the same file, the same copy (no growth on every refresh)
+    other = files.copy_for(ws.new_id(), photo)
+    assert other != copy  # another session never gets the same URL
+    assert sid in ws.clean(now=time.time() + 3600)
+    assert not os.path.exists(copy) and not os.path.exists(photo)

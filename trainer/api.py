@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Optional
 
+from . import distributed
 from .config import TrainConfig
 from .training.errors import RunResult, TrainingError
 from .training.inputs import RunInputs
@@ -25,12 +26,15 @@ def train(config: TrainConfig, on_event=None, stop: Optional[threading.Event] = 
     LoRA). Raises TrainingError (after a ``failed`` event) when the run cannot go on."""
     notes = []
     inputs = RunInputs()
+    if not distributed.is_main():  # under torchrun / accelerate launch rank 0 alone reports (one bar, one set of notes)
+        on_event = None
     if config.auto_fit:
         from .preflight import preflight
 
         t0, before = time.time(), sum(inputs.seconds.values())
         try:
-            plan = preflight(config, on_event=on_event, stop=stop, inputs=inputs)
+            # every rank measures (the measurements train data parallel); rank 0's plan is the one all use
+            plan = distributed.broadcast(preflight(config, on_event=on_event, stop=stop, inputs=inputs))
         finally:  # the preflight's own share: its wall time less the loading/reading/caching it did for the run
             inputs.seconds["preflight"] += max(0.0, time.time() - t0 - (sum(inputs.seconds.values()) - before))
         if stop is not None and stop.is_set():  # stopped during the measurement: nothing was trained

@@ -15,6 +15,7 @@ from enum import Enum
 
 from .cli_help import COMPAT_TITLE, EXAMPLES, StudioParser, field_help, make_groups, quiet_libraries
 from .config import ConfigError, FieldError, TrainConfig, field_type, available_presets
+from .config.run_folder import output_dir_problem
 
 # Flags of diffusers' script accepted for compatibility, with why they change nothing here.
 IGNORED_FLAGS = {
@@ -113,7 +114,15 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for n in notes + cfg.warnings():
+    from . import distributed
+
+    main_rank = distributed.is_main()  # under torchrun / accelerate launch only rank 0 prints notes and the bar
+    # rank 0 alone checks (the others would see the folder rank 0 just made); its exit ends the launch
+    busy = output_dir_problem(cfg) if main_rank else None  # the command line never writes a new run over another
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 2
+    for n in (notes + cfg.warnings()) if main_rank else []:
         print(n, file=sys.stderr)
     from .api import train
     from .training.errors import TrainingError
@@ -141,6 +150,8 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 1
     progress.close()
+    if not main_rank:
+        return 0
     print(f"done: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
     for k, v in result.artifacts.items():
         print(f"  {k}: {v}")

@@ -5,27 +5,22 @@ They have the exact *shape* of the real families (SDXL: two CLIP text encoders o
 tool runs offline for demos, CI and tests. Each is written with ``save_pretrained`` to an ordinary diffusers
 folder and then loaded through the same code path as ``stabilityai/stable-diffusion-xl-base-1.0``.
 
-Ids: ``tiny-sdxl``, ``tiny-sd`` (SD 1.x-shaped, epsilon), ``tiny-sd2-v`` (SD 2.x-shaped, v-prediction).
+Ids: ``tiny-sdxl``, ``tiny-sd`` (SD 1.x-shaped, epsilon), ``tiny-sd2-v`` (SD 2.x-shaped, v-prediction), and
+``toy-sdxl``: the SDXL-shaped toy-world model, *pretrained* on coloured shapes (``trainer/toyworld``), cached under
+the content hash of its sources.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import threading
 
-TINY_MODELS = ("tiny-sdxl", "tiny-sd", "tiny-sd2-v")
+from .clip_vocab import write_clip_tokenizer_files  # noqa: F401  (re-exported: tiny_clip uses it)
+
+TINY_MODELS = ("tiny-sdxl", "tiny-sd", "tiny-sd2-v", "toy-sdxl")
 TINY_RESOLUTION = 64
 _BUILD_LOCK = threading.Lock()
-
-# Words that get whole-word BPE merges, so typical prompts stay well under the 77-token limit.
-_WORDS = (
-    "a photo of the in style and with on at by an for to is man woman person dog cat face portrait "
-    "red blue green black white sitting standing wearing shirt hat garden beach city painting drawing "
-    "picture close up smiling icon emoji cartoon landscape mountain forest street car house tree sky"
-).split()
-
 
 def cache_root() -> str:
     return os.environ.get("LORA_STUDIO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-studio")
@@ -33,47 +28,6 @@ def cache_root() -> str:
 
 def is_tiny(model_id: str | None) -> bool:
     return bool(model_id) and model_id in TINY_MODELS
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable-unicode table of CLIP/GPT-2 byte-level BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def write_clip_tokenizer_files(folder: str) -> int:
-    """Writes vocab.json + merges.txt of a CLIP-style byte-level BPE tokenizer; returns the vocab size."""
-    chars = list(_bytes_to_unicode().values())
-    vocab_list = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    seen = set(vocab_list)
-    for word in _WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            a, b = symbols[0], symbols[1]
-            merged = a + b
-            pair = f"{a} {b}"
-            if pair not in merges:
-                merges.append(pair)
-            if merged not in seen:
-                seen.add(merged)
-                vocab_list.append(merged)
-            symbols = [merged] + symbols[2:]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
 
 
 def _tokenizer(tmp: str):
@@ -218,6 +172,12 @@ def build_cached(kind: str, name: str, builder, marker: str = "model_index.json"
 
 def tiny_model_path(name: str = "tiny-sdxl", build: bool = True) -> str:
     """Folder of the tiny model ``name``; built once (atomically: temp folder, then rename)."""
+    if name == "toy-sdxl":
+        from .toyworld.base import build_toy_sdxl, toy_cache_name
+
+        if not build:
+            return os.path.join(cache_root(), "toy", toy_cache_name())
+        return build_cached("toy", toy_cache_name(), build_toy_sdxl)
     if name not in _BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
     if not build:

@@ -13,7 +13,8 @@ import gradio as gr
 
 from .allowlist import Policy
 from .jobs import JobManager
-from .sessions import SessionFileGuard, SessionLimitError, Workspaces, valid_session_id
+from .file_guard import FileGuard, SessionFiles
+from .sessions import BrowserCookie, SessionLimitError, WorkspaceRefused, Workspaces, browser_of, valid_session_id
 
 
 
@@ -60,15 +61,30 @@ class AppContext:
     policy: Policy = field(default_factory=Policy)  # what visitors may choose (ui/allowlist.py)
     ws_state: Any = None  # gr.State holding the workspace id of this browser session
     components: dict = field(default_factory=dict)
+    files: Optional[SessionFiles] = None  # the served copies of session files (ui/file_guard.py)
 
     def sid(self, ws: Optional[str], request) -> str:
-        """The workspace id of a call: the one the page loaded with, else the Gradio session hash."""
+        """The workspace id of a call: the one the page loaded with (held by this browser's cookie), else, for an
+        API client, its own Gradio session hash (never a browser's workspace). Else a gr.Error."""
+        browser = browser_of(request)
         if ws and valid_session_id(ws):
-            return ws
-        sh = getattr(request, "session_hash", None) if request is not None else None
-        if not sh or not valid_session_id(sh):
-            raise ValueError("no session: reload the page")
-        return sh
+            sid, api = ws, False
+        else:
+            sid = getattr(request, "session_hash", None) if request is not None else None
+            if not sid or not valid_session_id(sid):
+                raise gr.Error("No session: reload the page.")
+            api = True
+        try:
+            self.workspaces.check_access(sid, browser, api=api)
+        except WorkspaceRefused as e:
+            raise gr.Error(str(e))
+        return sid
+
+    def served(self, sid: str, items):
+        """A gallery value (``[(path, caption)]``) or one path, as copies only session ``sid`` is handed."""
+        if isinstance(items, str):
+            return self.files.copy_for(sid, items)
+        return self.files.copies_for(sid, items)
 
 
 def _release_captioners() -> None:
@@ -95,7 +111,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
     ``start_jobs=False`` no job trains until ``demo.ls_context.jobs.start()`` (``app.py`` calls it once the
     server is up, so a job restored from the queue does not slow the launch)."""
     from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
-    from .theme import make_theme
+    from .theme import STUDIO_CSS, make_theme
 
     policy = policy or Policy()
     workspaces = Workspaces(root, max_idle_s=max_idle_s, max_sessions=policy.max_sessions)
@@ -104,10 +120,14 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
     jobs = JobManager(before_train=[_release_captioners, engine.release],
                       store=os.path.join(workspaces.root, "queue.json"),
                       max_runs_per_session=policy.max_runs_per_session, start=start_jobs)
-    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy)
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy,
+                     files=SessionFiles(workspaces.sessions_root))
+    workspaces.on_clean.append(ctx.files.purge)  # an idle session's served copies go with its uploads
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
 
-    with gr.Blocks(title="LoRA studio") as demo:
+    # Gradio's own cache (uploads before they are ingested, copies of generated images) ages out like the uploads.
+    cache_age = int(max(600, min(max_idle_s, 24 * 3600)))
+    with gr.Blocks(title="LoRA studio", delete_cache=(max(60, min(cache_age, 3600)), cache_age)) as demo:
         ctx.ws_state = gr.State(None)
         browser_ws = gr.BrowserState(None, storage_key="lora-studio-workspace")
         gr.Markdown("# LoRA studio\nA few photos in, a Stable Diffusion LoRA out: **Dataset → Train → Generate → "
@@ -137,9 +157,14 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         pub_tab.select(*pub["refresh"], api_visibility="private")
 
         def on_load(saved, request: gr.Request):
-            sid = saved if (saved and workspaces.exists(saved)) else request.session_hash
+            # The id this browser kept opens its workspace only with the cookie it is bound to (or, for a
+            # browser that sends no cookies, when it is bound to none); anything else gets a fresh secret id.
+            browser = browser_of(request)
+            ok = valid_session_id(saved) and workspaces.exists(saved) and (
+                workspaces.held_by(saved, browser) if browser else not workspaces.is_bound(saved))
+            sid = saved if ok else workspaces.new_id()
             try:
-                workspaces.session_dir(sid)
+                workspaces.bind(sid, browser)
             except SessionLimitError as e:  # the operator's --max-sessions
                 raise gr.Error(str(e))
             return sid, sid
@@ -152,14 +177,17 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
         choices.wire(ctx, load_ev, {"concept": ctx.components["concept"], "trigger": ctx.components["trigger"],
                                     "base_model": ctx.components["base_model"], **tr["choices"]})
 
-    guard_root = workspaces.sessions_root
     from starlette.middleware import Middleware
 
+    # No session folder in allowed_paths: Gradio serves only its cache, where ui/file_guard.py puts the copies
+    # made for each session; FileGuard refuses every other file and makes every file answer a download.
+    guard = Middleware(FileGuard, protected=workspaces.sessions_root, max_upload_bytes=ctx.policy.max_upload_bytes)
     launch_kwargs = dict(
         theme=make_theme(),
-        css=CSS,
-        allowed_paths=[guard_root],
-        app_kwargs={"middleware": [Middleware(SessionFileGuard, protected=guard_root)]},
+        css=CSS + STUDIO_CSS,
+        allowed_paths=[],
+        max_file_size=ctx.policy.max_upload_bytes,
+        app_kwargs={"middleware": [guard, Middleware(BrowserCookie)]},
         footer_links=["api"],
         show_error=True,
     )

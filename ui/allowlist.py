@@ -81,6 +81,13 @@ class Policy:
     max_resolution: int = 1024
     max_sessions: int = 200  # workspaces seen within the idle time (older ones do not count)
     max_runs_per_session: int = 1  # queued + running runs of one session
+    max_upload_mb: float = 200.0  # one upload request (all its files together); larger ones are refused unread
+    max_upload_files: int = 300  # files in one upload
+    max_dataset_images: int = 300  # images one session's dataset may hold
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
 
     def default_base_model(self, cuda: bool) -> str:
         """SDXL on a GPU, the tiny demo model without one, when offered; else the list's first."""

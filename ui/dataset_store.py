@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -32,6 +33,17 @@ def edit_lock(folder: str) -> threading.RLock:
     key = os.path.realpath(folder)
     with _locks_guard:
         return _locks.setdefault(key, threading.RLock())
+
+
+def locked(fn):
+    """Decorates a read-modify-write helper whose first argument is the dataset folder: it runs under
+    :func:`edit_lock` of that folder."""
+    @functools.wraps(fn)
+    def wrapper(folder, *args, **kwargs):
+        with edit_lock(folder):
+            return fn(folder, *args, **kwargs)
+
+    return wrapper
 
 
 def merge_captions(current: list[Record], read_before: dict[str, str], captions: dict[str, str]) -> tuple[int, int]:

@@ -1,201 +1,24 @@
-"""Dataset tab: upload images or a zip, see thumbnails, edit one caption per image, auto-caption, check."""
+"""Dataset tab: upload images or a zip, one card per image (thumbnail, caption, Remove), auto-caption, check."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import gradio as gr
-import pandas as pd
 
-from trainer import (ImageProblem, Record, bucket_histogram, check_dataset, collect_folder,
-                     default_resolution_of_model, is_image_name, load_image, preset_info,
-                     read_metadata_jsonl, write_metadata_jsonl)
-from uploads import safe_extract_zip, safe_filename
+from trainer import ImageProblem, bucket_histogram, check_dataset, default_resolution_of_model, load_image
 
+from uploads.accept import too_many_files_problem
+
+from . import caption_cards
 from .allowlist import VisitorError, check_base_model, check_caption_model
+# the dataset on disk lives in dataset_files.py; these names stay importable from here
+from .dataset_files import (PROBLEM_HEADERS, TABLE_HEADERS, caption_template, cards_of, gallery_of,  # noqa: F401
+                            ingest_files, list_images, load_problems, problems_table, read_records,
+                            record_trigger, rename_trigger, save_problems, save_records, table_of)
 from .dataset_store import edit_lock, merge_captions
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
-PROBLEMS_FILE = ".upload_problems.json"
-TABLE_HEADERS = ["file", "caption"]
-PROBLEM_HEADERS = ["file", "severity", "message", "fix"]
-
-
-# ----- dataset on disk ----------------------------------------------------------------------------------------
-def list_images(folder: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-        for f in sorted(filenames):
-            if not f.startswith(".") and is_image_name(f):
-                out.append(os.path.join(dirpath, f))
-    return out
-
-
-def read_records(folder: str) -> list[Record]:
-    """Every image of the folder with its caption (metadata.jsonl first, then a .txt sidecar)."""
-    caps: dict[str, str] = {}
-    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
-        recs, _ = read_metadata_jsonl(folder)
-        caps = {os.path.realpath(r.path): r.caption for r in recs if r.caption is not None}
-    records = []
-    for p in list_images(folder):
-        cap = caps.get(os.path.realpath(p))
-        if cap is None:
-            txt = os.path.splitext(p)[0] + ".txt"
-            if os.path.isfile(txt):
-                try:
-                    with open(txt, encoding="utf-8", errors="replace") as f:
-                        cap = f.read(64 * 1024).strip()
-                except OSError:
-                    cap = None
-        records.append(Record(p, cap or "", os.path.relpath(p, folder).replace(os.sep, "/")))
-    return records
-
-
-def save_records(folder: str, records: list[Record]) -> None:
-    write_metadata_jsonl(folder, records)
-
-
-def load_problems(folder: str) -> list[dict]:
-    try:
-        with open(os.path.join(folder, PROBLEMS_FILE), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return []
-
-
-def save_problems(folder: str, problems: list[dict]) -> None:
-    with open(os.path.join(folder, PROBLEMS_FILE), "w", encoding="utf-8") as f:
-        json.dump(problems[-200:], f)
-
-
-def table_of(records: list[Record]) -> pd.DataFrame:
-    return pd.DataFrame([[r.source_name, r.caption or ""] for r in records], columns=TABLE_HEADERS)
-
-
-def gallery_of(records: list[Record]) -> list[tuple[str, str]]:
-    return [(r.path, r.source_name) for r in records]
-
-
-def problems_table(problems: list[dict]) -> pd.DataFrame:
-    rows = [[p.get("file", ""), p.get("severity", "error"), p.get("message", ""), p.get("fix", "")] for p in problems]
-    return pd.DataFrame(rows, columns=PROBLEM_HEADERS)
-
-
-# Problems of a zip that leave the image in the dataset (shown as warnings, not as skipped files).
-_KEPT_CODES = frozenset({"caption_not_utf8", "caption_too_large", "unreadable_caption", "missing_caption_column",
-                         "bad_caption"})
-
-
-def ingest_files(paths: list[str], dest: str) -> tuple[list[str], list[dict], list[dict]]:
-    """Copies good images (and the images of zips) into ``dest``; bad files give one problem each and are dropped.
-
-    Returns ``(added paths, problems, notes)``: problems are dicts (file, code, severity, message, fix) with
-    severity "error" (file skipped) or "warning" (file kept); notes tell what was done to accepted files
-    (16-bit scaled, first frame of an animation, EXIF rotation, renamed...).
-    """
-    added, problems, notes = [], [], []
-    taken = {n.lower() for n in os.listdir(dest)}
-    for src in paths or []:
-        src = src if isinstance(src, str) else getattr(src, "name", str(src))
-        shown = os.path.basename(src)
-        if shown.lower().endswith(".zip"):
-            a, p, n = _ingest_zip(src, shown, dest)
-            added += a
-            problems += p
-            notes += n
-            taken = {n.lower() for n in os.listdir(dest)}
-            continue
-        try:
-            loaded = load_image(src)
-        except ImageProblem as e:
-            problems.append({"file": shown, "code": e.code, "severity": "error", "message": e.message, "fix": e.fix})
-            continue
-        name = safe_filename(shown, taken=taken)
-        taken.add(name.lower())
-        target = os.path.join(dest, name)
-        shutil.copyfile(src, target)
-        added.append(target)
-        file_notes = list(loaded.notes)
-        if name != shown:
-            file_notes.append(f"saved as '{name}'")
-        if file_notes:
-            notes.append({"file": shown, "message": "; ".join(file_notes)})
-    return added, problems, notes
-
-
-def _ingest_zip(src: str, shown: str, dest: str) -> tuple[list[str], list[dict], list[dict]]:
-    """Extracts a zip into a hidden staging folder, reads its metadata.jsonl / .txt captions, checks every image
-    and moves the good ones (with a .txt caption) into ``dest``. Problems name '<zip>: <entry>'."""
-    import tempfile
-
-    added, problems, notes = [], [], []
-
-    def prob(file, code, message, fix, severity="error"):
-        problems.append({"file": f"{shown}: {file}" if file != shown else shown, "code": code,
-                         "severity": severity, "message": message, "fix": fix})
-
-    staging = tempfile.mkdtemp(prefix=".zip-", dir=dest)
-    try:
-        res = safe_extract_zip(src, staging)
-        for p in res.problems:
-            prob(p.file, p.code, p.message, p.fix)
-        records, folder_probs = collect_folder(staging)
-        for p in folder_probs:
-            prob(p.file, p.code, p.message, p.fix, "warning" if p.code in _KEPT_CODES else "error")
-        captions: dict[str, str] = {}
-        for dirpath, _dirs, files in os.walk(staging):
-            if "metadata.jsonl" in files:
-                recs, meta_probs = read_metadata_jsonl(dirpath)
-                rel_dir = os.path.relpath(dirpath, staging)
-                for p in meta_probs:
-                    where = p.file if rel_dir == "." else f"{rel_dir}/{p.file}"
-                    prob(where, p.code, p.message, p.fix, "warning" if p.code in _KEPT_CODES else "error")
-                captions.update({os.path.realpath(r.path): r.caption for r in recs if r.caption is not None})
-        for rec in records:
-            rel = rec.source_name
-            try:
-                loaded = load_image(rec.path)
-            except ImageProblem as e:
-                prob(rel, e.code, e.message, e.fix)
-                continue
-            rel_dir = os.path.dirname(rel)
-            target_dir = os.path.join(dest, rel_dir) if rel_dir else dest
-            os.makedirs(target_dir, exist_ok=True)
-            name = safe_filename(os.path.basename(rel), taken={n.lower() for n in os.listdir(target_dir)})
-            target = os.path.join(target_dir, name)
-            os.replace(rec.path, target)
-            added.append(target)
-            caption = captions.get(os.path.realpath(rec.path), rec.caption)
-            if caption is not None:
-                with open(os.path.splitext(target)[0] + ".txt", "w", encoding="utf-8") as f:
-                    f.write(caption)
-            if loaded.notes:
-                notes.append({"file": f"{shown}: {rel}", "message": "; ".join(loaded.notes)})
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return added, problems, notes
-
-
-def _unlink(p: str) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
-
-
-def caption_template(concept: str) -> tuple[str, str]:
-    """(concept understood by the captioner, template with {caption}/{trigger}) for a preset."""
-    try:
-        tmpl = preset_info(concept).get("caption_template")
-    except OSError:
-        tmpl = None
-    if tmpl:
-        tmpl = tmpl.replace("TOK", "{trigger}")
-    cap_concept = concept if concept in ("face", "object", "style", "character") else "object"
-    return cap_concept, tmpl
 
 
 def resolution_for(base_model: str) -> int:
@@ -223,47 +46,59 @@ def build(ctx) -> dict:
 
     gr.Markdown("Add **3-150 photos** of your subject (drag and drop many files, or one .zip). Bad files are "
                 "listed one by one; the good ones are kept.")
-    with gr.Row():
-        with gr.Column(scale=2):
-            # Locked until the page's workspace is loaded (on_load below): an upload made before that could
-            # be wiped from the gallery by the load's own, older, listing of the folder.
-            upload = gr.File(label="Images or a .zip", file_count="multiple", type="filepath",
-                             elem_id="ls-upload", height=140, interactive=False)
-            upload_msg = gr.Markdown("Loading your workspace…", elem_id="ls-upload-msg")
-        with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Your images", columns=6, height=260, object_fit="cover",
-                                 elem_id="ls-gallery", allow_preview=True)
+    # Locked until the page's workspace is loaded (on_load below): an upload made before that could be wiped
+    # from the cards by the load's own, older, listing of the folder.
+    upload = gr.File(label="Images or a .zip", file_count="multiple", type="filepath",
+                     elem_id="ls-upload", height=120, interactive=False)
+    upload_msg = gr.Markdown("Loading your workspace…", elem_id="ls-upload-msg")
+    # What the API returns (/upload_images, /list_dataset...): a gallery and a [file, caption] table. The page
+    # shows the cards instead.
+    gallery = gr.Gallery(label="Your images", elem_id="ls-gallery", visible=False)
+    table = gr.Dataframe(headers=TABLE_HEADERS, column_count=2, interactive=True, label="Captions",
+                         elem_id="ls-captions", visible=False)
+    cards = gr.State([])
+    ctx.components["dataset_cards"] = cards  # the Train tab's one-click trigger fix redraws them
     with gr.Row():
         cap_model = gr.Textbox(ctx.policy.caption_models[0], label="Captioning model",
                                info="One of this app's captioning models: " + ", ".join(ctx.policy.caption_models) + ".",
                                elem_id="ls-caption-model", scale=3)
-        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1)
+        overwrite = gr.Checkbox(True, label="Replace existing captions", scale=1, elem_id="ls-overwrite")
         caption_btn = gr.Button("Auto-caption", variant="primary", elem_id="ls-autocaption", scale=1)
-    table = gr.Dataframe(value=pd.DataFrame(columns=TABLE_HEADERS), headers=TABLE_HEADERS, column_count=2,
-                         static_columns=[0], interactive=True, wrap=True, label="Captions (click a caption to edit)",
-                         elem_id="ls-captions", column_widths=["28%", "72%"], max_height=360)
-    with gr.Row():
-        save_btn = gr.Button("Save captions", size="sm")
-        check_btn = gr.Button("Check dataset", variant="secondary", elem_id="ls-check")
-        clear_btn = gr.Button("Remove all images", size="sm", variant="stop", interactive=False)
     check_msg = gr.Markdown("", elem_id="ls-check-msg")
+    caption_cards.build(ctx, cards, gallery, table, check_msg)
     with gr.Row():
-        problems = gr.Dataframe(value=pd.DataFrame(columns=PROBLEM_HEADERS), headers=PROBLEM_HEADERS,
+        save_btn = gr.Button(visible=False)  # /save_captions: the API's way to write the whole table
+        check_btn = gr.Button("Check dataset", variant="secondary", elem_id="ls-check")
+        clear_btn = gr.Button("Remove all images", size="sm", variant="stop", interactive=False,
+                              elem_id="ls-clear")
+    with gr.Row():
+        problems = gr.Dataframe(value=problems_table([]), headers=PROBLEM_HEADERS,
                                 interactive=False, wrap=True, label="Problems", elem_id="ls-problems", scale=3)
         with gr.Column(scale=2):
             gr.Markdown("**Aspect buckets** (images are trained at these sizes, not cropped square)")
             hist = gr.HTML("", elem_id="ls-buckets")
 
+    def listing(folder, sid):
+        recs = read_records(folder)  # images are shown as this session's own copies (ui/file_guard.py)
+        return recs, ctx.served(sid, gallery_of(recs)), table_of(recs), cards_of(recs)
+
     def refresh(ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
-        recs = read_records(folder)
-        return gallery_of(recs), table_of(recs)
+        sid = ctx.sid(ws_id, request)
+        _recs, shown, rows, _cards = listing(ctx.workspaces.uploads_dir(sid), sid)
+        return shown, rows
 
     def on_upload(files, ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
         with edit_lock(folder):  # one dataset edit at a time (ui/dataset_store.py)
             before = {r.path: r.caption for r in read_records(folder)}
-            added, probs, notes = ingest_files(files or [], folder)
+            paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files or []]
+            if len(paths) > ctx.policy.max_upload_files:
+                added, probs, notes = [], [too_many_files_problem(len(paths), ctx.policy.max_upload_files)], []
+            else:
+                limit = ctx.policy.max_dataset_images
+                added, probs, notes = ingest_files(paths, folder, room=limit - len(before), limit=limit)
+            ctx.files.discard_uploads(paths)  # Gradio's own copies of the upload go once taken in (or refused)
             recs = read_records(folder)
             for r in recs:  # keep the captions the user already had
                 if r.path in before and before[r.path]:
@@ -282,7 +117,8 @@ def build(ctx) -> dict:
         if notes:
             lines.append("**Notes:**")
             lines += [f"- `{n['file']}`: {n['message']}" for n in notes]
-        return None, gallery_of(recs), table_of(recs), "\n".join(lines), problems_table(probs)
+        return (None, ctx.served(sid, gallery_of(recs)), table_of(recs), "\n".join(lines), problems_table(probs),
+                cards_of(recs))
 
     def on_caption(model, concept, trigger, overwrite, ws_id, request: gr.Request, progress=gr.Progress()):
         concept_v, trigger_v, overwrite_v = concept, trigger, overwrite
@@ -316,8 +152,9 @@ def build(ctx) -> dict:
             written, kept = merge_captions(recs, {r.path: r.caption for r in todo},
                                            {r.path: c for r, c in zip(todo, caps)})
             save_records(folder, recs)
+            record_trigger(folder, (trigger_v or "TOK").strip())  # what a later trigger change rewrites
         note = f" Kept {kept} caption(s) you edited meanwhile." if kept else ""
-        return table_of(recs), f"Captioned {written} image(s) with `{model}`{where}.{note}"
+        return table_of(recs), f"Captioned {written} image(s) with `{model}`{where}.{note}", cards_of(recs)
 
     def on_save(captions, ws_id, request: gr.Request):
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
@@ -333,7 +170,7 @@ def build(ctx) -> dict:
                 if r.source_name in by_name:
                     r.caption = by_name[r.source_name]
             save_records(folder, recs)
-        return f"Saved {len(recs)} caption(s) to metadata.jsonl."
+        return f"Saved {len(recs)} caption(s) to metadata.jsonl.", cards_of(recs)
 
     def on_check(base_model, trigger, ws_id, request: gr.Request):
         trigger_v = trigger
@@ -361,29 +198,47 @@ def build(ctx) -> dict:
             msg = f"{'**Errors found:**' if errors else '**Warnings:**'} {len(recs)} images: {errors} error(s), {warns} warning(s)."
         return problems_table(found), histogram_html(h), msg
 
+    def on_trigger(trigger_v, ws_id, request: gr.Request):
+        """A new trigger word rewrites the captions written with the old one (whole words), shown at once."""
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
+        new = (trigger_v or "").strip()
+        with edit_lock(folder):
+            changed, old = rename_trigger(folder, new)
+        if not changed:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        recs = read_records(folder)
+        msg = f"Trigger word changed from `{old}` to `{new}`: **{changed}** caption(s) rewritten (see below)."
+        return cards_of(recs), ctx.served(sid, gallery_of(recs)), table_of(recs), msg
+
     def on_clear(ws_id, request: gr.Request):
-        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        sid = ctx.sid(ws_id, request)
+        folder = ctx.workspaces.uploads_dir(sid)
         with edit_lock(folder):  # a run keeps its own copy (ui/dataset_store.py): clearing never touches it
+            ctx.files.purge(sid)  # every served copy of the removed photos: their URLs answer 404 now
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder, exist_ok=True)
-        return [], table_of([]), "Dataset cleared.", problems_table([])
+        return [], table_of([]), "Dataset cleared.", problems_table([]), []
 
-    upload.upload(on_upload, [upload, ws], [upload, gallery, table, upload_msg, problems], api_name="upload_images")
-    caption_btn.click(on_caption, [cap_model, concept, trigger, overwrite, ws], [table, check_msg],
+    upload.upload(on_upload, [upload, ws], [upload, gallery, table, upload_msg, problems, cards],
+                  api_name="upload_images")
+    caption_btn.click(on_caption, [cap_model, concept, trigger, overwrite, ws], [table, check_msg, cards],
                       api_name="auto_caption", concurrency_id="gpu", concurrency_limit=1)
-    table.input(on_save, [table, ws], [check_msg], api_visibility="private")
-    save_btn.click(on_save, [table, ws], [check_msg], api_name="save_captions")
+    save_btn.click(on_save, [table, ws], [check_msg, cards], api_name="save_captions")
     check_btn.click(on_check, [ctx.components["base_model"], trigger, ws], [problems, hist, check_msg],
                     api_name="check_dataset")
-    clear_btn.click(on_clear, [ws], [gallery, table, upload_msg, problems], api_name="clear_dataset")
+    clear_btn.click(on_clear, [ws], [gallery, table, upload_msg, problems, cards], api_name="clear_dataset")
+    gr.on([trigger.blur, trigger.submit], on_trigger, [trigger, ws], [cards, gallery, table, check_msg],
+          api_name="rename_trigger")
     list_ev = gr.Button(visible=False)
     list_ev.click(refresh, [ws], [gallery, table], api_name="list_dataset")
 
     def ready(ws_id, request: gr.Request):
-        shown, rows = refresh(ws_id, request)
-        return shown, rows, gr.update(interactive=True), gr.update(interactive=True), ""
+        sid = ctx.sid(ws_id, request)
+        _recs, shown, rows, items = listing(ctx.workspaces.uploads_dir(sid), sid)
+        return shown, rows, items, gr.update(interactive=True), gr.update(interactive=True), ""
 
     def on_load(load_ev):
-        load_ev.then(ready, [ws], [gallery, table, upload, clear_btn, upload_msg], api_visibility="private")
+        load_ev.then(ready, [ws], [gallery, table, cards, upload, clear_btn, upload_msg], api_visibility="private")
 
-    return {"on_load": on_load, "gallery": gallery, "table": table}
+    return {"on_load": on_load, "gallery": gallery, "table": table, "cards": cards}

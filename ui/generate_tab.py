@@ -1,17 +1,19 @@
 """Generate tab: pick a finished run (or upload a LoRA + embeddings), prompt with TOK, get images."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import gradio as gr
 
 from generation import SCHEDULERS, GenerateRequest, InferenceInputError, request_from_run
+from trainer import replace_word
 from uploads import safe_filename
 
 from . import jobs as J
 from .allowlist import VisitorError, check_base_model
-from . import pick_view
+from . import download_view, pick_view
 
 UPLOADED = "(uploaded LoRA files)"
 
@@ -29,6 +31,21 @@ def finished_runs(ctx, sid: str) -> list[str]:
     return out
 
 
+def run_trigger(run_dir) -> str:
+    """The trigger word a run was trained with (its config.json), ``TOK`` when unknown."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            abst = json.load(f).get("token_abstraction") or "TOK"
+    except (OSError, ValueError, AttributeError):
+        return "TOK"
+    first = str(abst).split(",")[0].strip()  # the first of a comma list, as the trainer numbers them
+    return first or "TOK"
+
+
+def prompt_hint(trigger: str) -> str:
+    return f"`{trigger}` (this run's trigger word) is replaced by the learnt tokens."
+
+
 def build(ctx) -> dict:
     ws = ctx.ws_state
     with gr.Row():
@@ -42,8 +59,8 @@ def build(ctx) -> dict:
                                type="filepath", height=90)
             up_base = gr.Dropdown(list(ctx.policy.base_models), value=ctx.policy.default_base_model(ctx.cuda),
                                   label="Base model of the uploaded LoRA")
-    prompt = gr.Textbox("a photo of TOK", label="Prompt", info="TOK is replaced by the learnt tokens.",
-                        elem_id="ls-prompt", lines=2)
+    prompt = gr.Textbox("a photo of TOK", label="Prompt", info=prompt_hint("TOK"), elem_id="ls-prompt", lines=2)
+    prompt_trigger = gr.State("TOK")  # the trigger word the prompt box holds now
     negative = gr.Textbox("", label="Negative prompt", lines=1)
     with gr.Row():
         scheduler = gr.Dropdown(list(SCHEDULERS), value="Euler a", label="Scheduler")
@@ -66,6 +83,7 @@ def build(ctx) -> dict:
         return d if os.path.isdir(d) else None
 
     pick = pick_view.build(ctx, run, lora_scale, run_dir_of)
+    download_view.build(ctx, run, run_dir_of)  # the run's files, as this session's own copies
 
     def refresh(ws_id, request: gr.Request):
         runs = finished_runs(ctx, ctx.sid(ws_id, request))
@@ -129,6 +147,16 @@ def build(ctx) -> dict:
     gen_btn.click(generate, inputs, [gallery, seed_info], api_name="generate", concurrency_id="gpu",
                   concurrency_limit=1)
     refresh_btn.click(refresh, [ws], [run], api_name="list_runs")
+
+    def follow_trigger(run_v, prompt_v, held, ws_id, request: gr.Request):
+        """The prompt and its hint use the chosen run's own trigger word (its old one renamed in the prompt)."""
+        d = run_dir_of(run_v, ws_id, request)
+        trig = run_trigger(d) if d else "TOK"
+        text = (prompt_v or "").strip()
+        text = replace_word(text, held or "TOK", trig) if text else f"a photo of {trig}"
+        return gr.update(value=text, info=prompt_hint(trig)), trig
+
+    run.change(follow_trigger, [run, prompt, prompt_trigger, ws], [prompt, prompt_trigger], api_visibility="private")
 
     def on_load(load_ev):
         load_ev.then(refresh, [ws], [run], api_visibility="private")

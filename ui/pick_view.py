@@ -71,13 +71,14 @@ def build(ctx, run, lora_scale, run_dir_of) -> dict:
                                  scale=2)
         sweep_btn = gr.Button("Find the best checkpoint and scale", visible=False, elem_id="ls-pick-sweep")
 
-    def outputs_for(run_dir):
+    def outputs_for(run_dir, sid):
         s = pick_summary(run_dir)
         scale = s["scale"] if s["scale"] is not None else gr.Slider()  # no pick: the slider stays
-        return s["md"], s["grid"], s["rows"], scale, gr.Button(visible=s["can_sweep"])
+        grid_v = ctx.served(sid, s["grid"]) if s["grid"] else None  # the session's own copy (ui/file_guard.py)
+        return s["md"], grid_v, s["rows"], scale, gr.Button(visible=s["can_sweep"])
 
     def show(run_name, ws_id, request: gr.Request):
-        return outputs_for(run_dir_of(run_name, ws_id, request))
+        return outputs_for(run_dir_of(run_name, ws_id, request), ctx.sid(ws_id, request))
 
     def sweep(run_name, ws_id, request: gr.Request, progress=gr.Progress()):
         from trainer.picking import SweepSettings, run_sweep
@@ -97,7 +98,7 @@ def build(ctx, run, lora_scale, run_dir_of) -> dict:
                       on_progress=lambda d, t, w: progress((d, t), desc=f"Sweep: {w}", unit="images"))
         except (PickError, ScorerError) as exc:
             raise gr.Error(str(exc))
-        return outputs_for(run_dir)
+        return outputs_for(run_dir, ctx.sid(ws_id, request))
 
     outs = [info, grid, table, lora_scale, sweep_btn]
     run.change(show, [run, ctx.ws_state], outs, api_name="show_pick")

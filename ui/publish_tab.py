@@ -8,6 +8,9 @@ import gradio as gr
 
 from .generate_tab import finished_runs
 
+# Where a visitor finds the files when the Hub is out of reach (ui/download_view.py).
+FILES_KEPT_HINT = ("Your LoRA is ready meanwhile: Generate → *Download this run's files* has every file and a zip; "
+                "push again when the Hub can be reached.")
 _REPO_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
@@ -46,7 +49,7 @@ def build(ctx) -> dict:
         if not os.path.isdir(run_dir):
             return f"**Error:** No run named '{run_v}' in this session."
         try:
-            url = push_to_hub(run_dir, repo_v, token_v.strip(), bool(private_v))
+            url = push_to_hub(run_dir, repo_v, token_v.strip(), bool(private_v), offline_hint=FILES_KEPT_HINT)
         except HubError as e:
             msg = str(e).replace(token_v.strip(), "***")
             return f"**Error:** {msg}"

@@ -1,31 +1,42 @@
 """Per-browser-session workspaces.
 
-Each session (a ``gr.Request.session_hash``, or the workspace id a browser kept in its ``gr.BrowserState`` so a
-reload finds the same folder) owns ``<root>/sessions/<id>/`` with:
+A workspace id is a secret: ``secrets.token_urlsafe`` made by the server when a browser first loads the page
+(:meth:`Workspaces.new_id`), kept in that browser's ``gr.BrowserState`` and bound to it: the workspace records a
+digest of the browser's HttpOnly cookie (:class:`BrowserCookie` sets it; scripts cannot read it), and a request
+whose cookie does not match is refused (:meth:`Workspaces.check_access`), so an id copied out of one browser, or
+a replayed ``session_hash`` holding it, opens nothing elsewhere. An API client (``gradio_client``, no page load)
+works in the workspace named by its own ``session_hash`` (a uuid4), which may never be a browser's workspace.
+
+Each workspace owns ``<root>/sessions/<id>/`` with:
 
 * ``uploads/``: the dataset being prepared (images + ``metadata.jsonl``); deleted by the cleaner when the
-  session has been idle longer than ``max_idle_s``;
+  session has been idle longer than ``max_idle_s``, with every served copy of its files (``on_clean`` hooks);
 * ``runs/<run-name>/``: training runs (kept by the cleaner);
 * ``choices.json``: the form's last values (concept, trigger, base model, run name, every setting), so a
   reload shows what the user had chosen.
 
-Files under ``<root>/sessions`` are never served by their own path: :class:`SessionFileGuard` refuses every
-``/gradio_api/file=`` request into that folder, so a session only sees the copies Gradio puts in its cache for
-the outputs handed to *that* session (their URLs carry a content hash that other sessions do not know).
+Files under ``<root>/sessions`` are never served by their own path (``ui/file_guard.py``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
-from typing import Optional
-from urllib.parse import unquote
+from typing import Callable, Optional
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
 _RUN_RE = re.compile(r"[^A-Za-z0-9._-]+")
+BROWSER_COOKIE = "ls_browser"  # HttpOnly, random per browser: what a workspace is bound to
+_OWNER_FILE = ".owner"
+
+
+class WorkspaceRefused(ValueError):
+    """A request named a workspace its browser does not hold."""
 
 
 def valid_session_id(sid: Optional[str]) -> bool:
@@ -50,6 +61,45 @@ class Workspaces:
         self.max_sessions = max_sessions  # workspaces seen within max_idle_s; None: no limit
         os.makedirs(self.sessions_root, exist_ok=True)
         self._lock = threading.Lock()
+        self.on_clean: list[Callable[[str], None]] = []  # called with each session id whose uploads were deleted
+
+    # ----- ids and who holds them --------------------------------------------------------------------------
+    @staticmethod
+    def new_id() -> str:
+        """A fresh workspace id: 32 URL-safe characters from the OS's CSPRNG."""
+        return secrets.token_urlsafe(24)
+
+    def _owner(self, sid: str) -> Optional[str]:
+        try:
+            with open(os.path.join(self.sessions_root, sid, _OWNER_FILE), encoding="ascii") as f:
+                return f.read().strip() or None
+        except (OSError, ValueError):
+            return None
+
+    def is_bound(self, sid: str) -> bool:
+        """True when workspace ``sid`` is bound to a browser's cookie."""
+        return self.exists(sid) and self._owner(sid) is not None
+
+    def bind(self, sid: str, browser: Optional[str]) -> None:
+        """Binds workspace ``sid`` to the browser whose cookie is ``browser`` (a digest is stored)."""
+        self.session_dir(sid)
+        if browser:
+            with open(os.path.join(self.sessions_root, sid, _OWNER_FILE), "w", encoding="ascii") as f:
+                f.write(_digest(browser))
+
+    def held_by(self, sid: str, browser: Optional[str]) -> bool:
+        """True when ``sid`` exists and belongs to ``browser`` (the cookie value)."""
+        owner = self._owner(sid) if self.exists(sid) else None
+        return bool(owner and browser and secrets.compare_digest(owner, _digest(browser)))
+
+    def check_access(self, sid: str, browser: Optional[str], *, api: bool) -> None:
+        """Refuses (:class:`WorkspaceRefused`) a request for ``sid`` from another browser: a workspace bound to a
+        browser opens only with its cookie; an API client's own workspace (``api``) is never a browser's."""
+        owner = self._owner(sid) if self.exists(sid) else None
+        if owner is None:  # an API client's workspace, or a browser that sends no cookies (the id is the key)
+            return
+        if api or not browser or not secrets.compare_digest(owner, _digest(browser)):
+            raise WorkspaceRefused("This workspace belongs to another browser: reload the page.")
 
     # ----- paths ------------------------------------------------------------------------------------------
     def session_dir(self, sid: str) -> str:
@@ -162,6 +212,9 @@ class Workspaces:
                 if os.path.isdir(up) and now - self.last_seen(sid) > self.max_idle_s:
                     shutil.rmtree(up, ignore_errors=True)
                     cleaned.append(sid)
+        for sid in cleaned:  # e.g. the served copies of the session's files (ui/file_guard.py)
+            for hook in self.on_clean:
+                hook(sid)
         return cleaned
 
     def start_cleaner(self, every_s: float = 600, busy_fn=None) -> threading.Thread:
@@ -178,31 +231,42 @@ class Workspaces:
         return t
 
 
-class SessionFileGuard:
-    """ASGI middleware: refuses ``/gradio_api/file=<path>`` (and ``/file=``) for any path inside ``protected``."""
+def _digest(browser: str) -> str:
+    return hashlib.sha256(("lora-studio-browser\0" + browser).encode("utf-8", "surrogateescape")).hexdigest()
 
-    def __init__(self, app, protected: str):
+
+def browser_of(request) -> Optional[str]:
+    """The browser cookie of a ``gr.Request`` (None for API clients, which have none)."""
+    try:
+        cookies = getattr(request, "cookies", None) or {}
+        value = cookies.get(BROWSER_COOKIE)
+    except Exception:
+        value = None
+    return value if isinstance(value, str) and 16 <= len(value) <= 128 else None
+
+
+class BrowserCookie:
+    """ASGI middleware: gives every browser an HttpOnly random cookie on its first page load
+    (what :meth:`Workspaces.bind` binds a workspace to); other requests pass untouched."""
+
+    def __init__(self, app):
         self.app = app
-        self.protected = os.path.realpath(protected)
-
-    def _blocked(self, raw_path: str) -> bool:
-        path = unquote(raw_path)
-        i = path.find("file=")
-        if i < 0:
-            return False
-        target = path[i + len("file="):]
-        if not target:
-            return False
-        try:
-            p = os.path.realpath(target)
-        except (OSError, ValueError):
-            return True
-        return p == self.protected or p.startswith(self.protected + os.sep)
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") == "http" and "file=" in scope.get("path", "") and self._blocked(scope["path"]):
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-            await send({"type": "http.response.body", "body": b"File not allowed."})
-            return
-        await self.app(scope, receive, send)
+        if scope.get("type") != "http" or scope.get("method") != "GET" or scope.get("path") not in ("/", ""):
+            return await self.app(scope, receive, send)
+        raw = dict(scope.get("headers") or []).get(b"cookie", b"").decode("latin-1")
+        if f"{BROWSER_COOKIE}=" in raw:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        https = scope.get("scheme") == "https" or headers.get(b"x-forwarded-proto", b"").startswith(b"https")
+        # Over https (a Space shows the app in an iframe of another site) the cookie must be allowed there.
+        site = "SameSite=None; Secure; Partitioned" if https else "SameSite=Lax"
+        cookie = f"{BROWSER_COOKIE}={secrets.token_urlsafe(32)}; Path=/; HttpOnly; {site}; Max-Age=31536000".encode()
+
+        async def wrapped(message):
+            if message.get("type") == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + [(b"set-cookie", cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, wrapped)

@@ -14,13 +14,11 @@ import pandas as pd
 from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
                      replace_word)
 
-from trainer.checkpoint import is_disk_full, latest_checkpoint
-
-from . import jobs as J
+from . import jobs as J, run_submit
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
-from .dataset_store import DISK_FULL, edit_lock, freeze_dataset
-from .dataset_tab import read_records, save_records
-from .queue_store import load_config
+from .dataset_files import add_trigger, cards_of, lacking_trigger, read_records, rename_trigger, save_records
+from .dataset_store import edit_lock
+from .run_submit import SubmitError, freeze_for_run
 from .sessions import safe_run_name
 from .train_view import _fmt_time, loss_frame, lr_md, progress_html  # noqa: F401 (loss_frame: tests)
 
@@ -220,6 +218,7 @@ def build(ctx) -> dict:
         stop_btn = gr.Button("Stop", variant="stop", elem_id="ls-stop")
         resume_btn = gr.Button("Resume", elem_id="ls-resume")
     status = gr.Markdown("", elem_id="ls-train-status")
+    fix_btn = gr.Button("Add the trigger to the captions", visible=False, variant="primary", elem_id="ls-fix-trigger")
     progress = gr.HTML(progress_html({"state": "none"}), elem_id="ls-progress-box")
     lr_box = gr.Markdown("", elem_id="ls-lr")
     with gr.Row():
@@ -256,18 +255,28 @@ def build(ctx) -> dict:
         brief["num_losses"], brief["num_samples"] = len(s["losses"]), len(s["samples"])
         brief["num_val_losses"] = len(s["val_losses"])
         active = s["state"] in J.ACTIVE
-        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), s["samples"], brief, gr.Timer(active=active)]
+        shown = ctx.served(sid, s["samples"])  # the session's own copies (ui/file_guard.py)
+        return [progress_html(s), lr_md(s), df, "\n".join(s["log"]), shown, brief, gr.Timer(active=active)]
 
     view_comps = [progress, lr_box, loss_plot, log, samples, status_json, timer]
 
-    def start(run_name_v, concept_v, trigger_v, base_v, *args):
+    def start(*args):
+        out = _start(*args)
+        fix = out.pop() if len(out) > len(view_comps) + 1 else None
+        return out + [gr.update(visible=True, value=fix) if fix else gr.update(visible=False)]
+
+    def _start(run_name_v, concept_v, trigger_v, base_v, *args):
         *vals, ws_id, request = args
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
+        with edit_lock(folder):  # one dataset edit at a time (ui/dataset_store.py)
+            rename_trigger(folder, (trigger_v or "TOK").strip())  # a trigger typed just before Start (blur races)
+            recs = read_records(folder)
+            if not recs:
+                return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
+            save_records(folder, recs)
         trig = (trigger_v or "TOK").strip()
         values = {n: from_ui(n, v) for n, v in zip(ADV_NAMES, vals)}
-        if not read_records(folder):
-            return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
         try:
             check_request({**values, "pretrained_model_name_or_path": base_v}, ctx.policy)
         except VisitorError as e:
@@ -276,24 +285,24 @@ def build(ctx) -> dict:
             for k in ("instance_prompt", "validation_prompt", "class_prompt"):
                 if isinstance(values.get(k), str):
                     values[k] = replace_word(values[k], "TOK", trig)
+        if values.get("train_text_encoder_ti"):
+            # Pivotal tuning learns the trigger from the captions: one without it never teaches the new tokens.
+            missing = lacking_trigger(recs, trig, values.get("instance_prompt") or "")
+            if missing:
+                names = ", ".join(f"`{r.source_name}`" for r in missing[:3]) + (" ..." if len(missing) > 3 else "")
+                return [f"**Error:** {len(missing)} of {len(recs)} caption(s) do not contain the trigger word "
+                        f"`{trig}` ({names}). Pivotal tuning learns `{trig}` from the captions, so these images "
+                        f"would never teach it. Click the button below to add it, or edit the captions in the "
+                        "Dataset tab."] + view_outputs(sid) + [f"Add '{trig}' to {len(missing)} caption(s)"]
         name = safe_run_name(run_name_v)
         run_dir, n = ctx.workspaces.run_dir(sid, name), 2
         while os.path.exists(run_dir):
             run_dir = ctx.workspaces.run_dir(sid, f"{name}-{n}")
             n += 1
-        # The run trains on its own copy of the dataset (edits after Start change the next run, never this one)
-        try:
-            with edit_lock(folder):
-                recs = read_records(folder)
-                if not recs:
-                    return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
-                save_records(folder, recs)
-                frozen = freeze_dataset(recs, folder, run_dir)
-        except OSError as e:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if is_disk_full(e):
-                return [f"**Error:** {DISK_FULL}"] + view_outputs(sid)
-            return ["**Error:** The dataset could not be copied for this run; try again."] + view_outputs(sid)
+        try:  # the run trains on its own copy of the dataset (edits after Start change the next run only)
+            frozen, recs = freeze_for_run(folder, run_dir)
+        except SubmitError as e:
+            return [f"**Error:** {e}"] + view_outputs(sid)
         values.update(pretrained_model_name_or_path=(base_v or "").strip(), token_abstraction=trig,
                       concept=concept_v, preset=concept_v, instance_data_dir=frozen, output_dir=run_dir,
                       resume_from_checkpoint=None,
@@ -323,35 +332,10 @@ def build(ctx) -> dict:
 
     def resume(ws_id, request: gr.Request):
         sid = ctx.sid(ws_id, request)
-        job = ctx.jobs.latest(sid)
-        if job is not None and job.state in J.ACTIVE:
-            return [f"'{job.run_name}' is still {job.state}."] + view_outputs(sid)
-        if job is not None:
-            run_dir = job.run_dir
-        else:
-            runs = ctx.workspaces.list_runs(sid)
-            if not runs:
-                return ["No run to resume."] + view_outputs(sid)
-            run_dir = os.path.join(ctx.workspaces.runs_dir(sid), runs[0])
-        # the run's saved config.json: the plan it trained with (never a new preflight), on its frozen dataset;
-        # a run stopped before training wrote none, and starts again as it was submitted
-        cfg = load_config(run_dir) or (job.config if job is not None else None)
-        if cfg is None:
-            return ["**Error:** This run's settings cannot be read; start a new run."] + view_outputs(sid)
-        state, history = J.run_state_from_disk(run_dir)
-        if state == J.FINISHED:
-            return ["This run already finished."] + view_outputs(sid)
-        if not cfg.instance_data_dir or not os.path.isdir(cfg.instance_data_dir):
-            return ["**Error:** This run's copy of the dataset is gone; start a new run."] + view_outputs(sid)
-        again = latest_checkpoint(os.path.join(run_dir, "checkpoints")) is None
-        try:
-            cfg = cfg.replace(resume_from_checkpoint=None if again else "latest").validate()
-            new = ctx.jobs.submit(sid, cfg, resume=True, history=history)
-        except (RuntimeError, ConfigError) as e:
+        try:  # the run's saved config.json (its plan, no second preflight) on its frozen dataset
+            return [run_submit.resume(ctx, sid)] + view_outputs(sid)
+        except run_submit.SubmitError as e:
             return [f"**Error:** {e}"] + view_outputs(sid)
-        if again:
-            return [f"**{new.run_name}** had no checkpoint yet: it starts again from step 0."] + view_outputs(sid)
-        return [f"Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
 
     def poll(ws_id, request: gr.Request):
         return view_outputs(ctx.sid(ws_id, request))
@@ -363,8 +347,20 @@ def build(ctx) -> dict:
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
          for n in ["run_name", "concept", "trigger", "base_model"] + ADV_NAMES + ["ws", "request"]])
     start.__annotations__ = {"request": gr.Request}
-    start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws], [status] + view_comps,
-                    api_name="start_training")
+    start_btn.click(start, [run_name, concept, trigger, base_model] + adv_list + [ws],
+                    [status] + view_comps + [fix_btn], api_name="start_training")
+
+    def fix_captions(concept_v, trigger_v, instance_prompt_v, ws_id, request: gr.Request):
+        """The one-click fix of a refused Start: the trigger goes into every caption that lacks it."""
+        folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
+        trig = (trigger_v or "TOK").strip()
+        fallback = replace_word(instance_prompt_v or "", "TOK", trig)
+        n = add_trigger(folder, concept_v, trig, fallback)
+        return (f"Added `{trig}` to {n} caption(s) (see the Dataset tab). Press Start training again.",
+                gr.update(visible=False), cards_of(read_records(folder)))
+
+    fix_btn.click(fix_captions, [concept, trigger, comps["instance_prompt"], ws],
+                  [status, fix_btn, ctx.components["dataset_cards"]], api_name="add_trigger_to_captions")
     stop_btn.click(stop, [ws], [status] + view_comps, api_name="stop_training")
     resume_btn.click(resume, [ws], [status] + view_comps, api_name="resume_training")
     timer.tick(poll, [ws], view_comps, api_visibility="private", show_progress="hidden")

@@ -26,9 +26,11 @@ from trainer.data.problems import (CAPTION_EXTENSIONS, JUNK_NAMES, METADATA_NAME
                                    fmt_bytes, is_within)
 
 from .names import clean_component, safe_filename, split_ext
+from .store import DISK_FULL_MESSAGE, is_disk_full
 
 MAX_ZIP_DEPTH = 8
 _CHUNK = 1024 * 1024
+_TINY = 16 * 1024  # entries up to this size skip the per-entry ratio (the archive's own ratio still counts)
 
 
 @dataclass
@@ -105,7 +107,8 @@ def safe_extract_zip(
         os.makedirs(dest, exist_ok=True)
         zf = zipfile.ZipFile(os.fspath(zip_path))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        problem(zip_name, "bad_zip", f"'{zip_name}' is not a valid zip archive ({e}).",
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # an OSError's text holds a path
+        problem(zip_name, "bad_zip", f"'{zip_name}' is not a valid zip archive ({why}).",
                 "Re-create the zip with a standard tool (e.g. 'Compress' / 'Send to > Compressed folder') "
                 "and upload it again.")
         return result
@@ -164,7 +167,9 @@ def safe_extract_zip(
                 problem(shown, "encrypted", f"Zip entry '{shown}' is password-protected; it was not extracted.",
                         "Create the zip without a password.")
                 continue
-            if info.file_size > max(info.compress_size, 1) * max_ratio and info.file_size > _CHUNK:
+            # Every entry, small ones too: 400 entries of 900 KiB made of zeros are a 450 KB zip writing 360 MB.
+            # Only entries too small to matter (a caption, a tiny icon) are spared the ratio.
+            if info.file_size > max(info.compress_size, 1) * max_ratio and info.file_size > _TINY:
                 problem(shown, "zip_bomb",
                         f"Zip entry '{shown}' expands from {fmt_bytes(info.compress_size)} to "
                         f"{fmt_bytes(info.file_size)} (more than {max_ratio:g}x); this looks like a zip bomb and "
@@ -180,6 +185,13 @@ def safe_extract_zip(
                     f"Split the dataset or keep the best {max_files} files.")
             return result
         declared = sum(i.file_size for i, _ in plan)
+        archive_size = max(1, _file_size(zip_path))
+        if declared > _CHUNK and declared > archive_size * max_ratio:  # many tiny entries that each pass
+            problem(zip_name, "zip_bomb",
+                    f"'{zip_name}' ({fmt_bytes(archive_size)}) would expand to {fmt_bytes(declared)} (more than "
+                    f"{max_ratio:g}x); this looks like a zip bomb. Nothing was extracted.",
+                    "Upload ordinary compressed images (JPEG/PNG/WebP), not padded or generated files.")
+            return result
         if declared > max_total_bytes:
             problem(zip_name, "too_large",
                     f"'{zip_name}' would expand to {fmt_bytes(declared)}, more than the "
@@ -283,7 +295,14 @@ def safe_extract_zip(
             except NotImplementedError as e:
                 problem(shown, "bad_entry", f"Zip entry '{shown}' uses an unsupported compression method ({e}).",
                         "Re-create the zip with standard (deflate) compression.")
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, Exception) as e:  # noqa: BLE001
+            except OSError as e:
+                if is_disk_full(e):  # no room: stop here, the partial entry is deleted below
+                    problem(shown, "disk_full", DISK_FULL_MESSAGE, "Free some space, then upload the zip again.")
+                    break
+                why = e.strerror or "read error"
+                problem(shown, "bad_entry", f"Zip entry '{shown}' could not be extracted ({why}).",
+                        "Re-create the zip and upload it again.")
+            except (zipfile.BadZipFile, EOFError, ValueError, Exception) as e:  # noqa: BLE001
                 problem(shown, "bad_entry", f"Zip entry '{shown}' is damaged and could not be extracted ({e}).",
                         "Re-create the zip and upload it again.")
             finally:
@@ -293,6 +312,13 @@ def safe_extract_zip(
                     except OSError:
                         pass
     return result
+
+
+def _file_size(path: PathLike) -> int:
+    try:
+        return os.path.getsize(os.fspath(path))
+    except OSError:
+        return 0
 
 
 def _existing_names(directory: str) -> set:

@@ -40,6 +40,11 @@ def field_errors(cfg) -> list[FieldError]:
         e(FieldError("dataset_name", cfg.dataset_name, "give either --dataset_name or --instance_data_dir, not both"))
     if cfg.instance_data_dir and not os.path.isdir(cfg.instance_data_dir):
         e(FieldError("instance_data_dir", cfg.instance_data_dir, "folder does not exist"))
+    data = cfg.instance_data_dir or (cfg.dataset_name if cfg.dataset_name and os.path.isdir(cfg.dataset_name) else None)
+    if data and cfg.output_dir and _inside(cfg.output_dir, data):
+        e(FieldError("output_dir", cfg.output_dir, "is the data folder (or inside it): the run's samples and "
+                                                   "checkpoints would be read as training images; give a folder "
+                                                   "outside the data"))
     if cfg.resolution is not None and cfg.resolution % 8:
         e(FieldError("resolution", cfg.resolution, "must be a multiple of 8 (e.g. 512, 768, 1024)"))
     if cfg.bucket_step % 8:
@@ -96,6 +101,12 @@ def field_errors(cfg) -> list[FieldError]:
     return errors
 
 
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def config_warnings(cfg) -> list[str]:
     """Settings of ``cfg`` that are legal but very probably wrong (printed and emitted as notes)."""
     w = []
@@ -103,8 +114,11 @@ def config_warnings(cfg) -> list[str]:
     if opt_ == Optimizer.prodigy and cfg.learning_rate < 0.1:
         w.append(f"--optimizer prodigy with --learning_rate {cfg.learning_rate}: Prodigy expects ~1.0 (it "
                  "estimates the step size itself); a small value makes it barely learn.")
-    if opt_ == Optimizer.prodigy and cfg.text_encoder_lr is not None and cfg.text_encoder_lr < 0.1:
-        w.append(f"--optimizer prodigy with --text_encoder_lr {cfg.text_encoder_lr}: use ~1.0 with Prodigy.")
+    if opt_ == Optimizer.prodigy and not cfg.use_8bit_adam and cfg.text_encoder_lr is not None \
+            and cfg.text_encoder_lr != cfg.learning_rate:
+        w.append(f"--optimizer prodigy takes one learning rate for every group: --text_encoder_lr "
+                 f"{cfg.text_encoder_lr} is ignored and the text parameters use --learning_rate "
+                 f"{cfg.learning_rate}, as in diffusers' script (Prodigy adapts the step size itself).")
     if opt_ in (Optimizer.adamw, Optimizer.adamw8bit) and cfg.learning_rate > 0.01:
         w.append(f"--optimizer {opt_.value} with --learning_rate {cfg.learning_rate}: that is Prodigy's value; "
                  "AdamW wants ~1e-4 (text: 3e-4 pivotal, 5e-5 full text encoder).")

@@ -94,7 +94,8 @@ class TrainConfig:
     train_text_encoder: bool = opt(False, "Train LoRA adapters on the text encoder(s) instead.", group="text")
     train_text_encoder_frac: float = opt(1.0, "Fraction of the steps during which the text-encoder LoRA trains.",
                                          min=0.0, max=1.0, min_exclusive=True, group="text")
-    text_encoder_lr: Optional[float] = opt(None, "Learning rate of text parameters (default: --learning_rate).",
+    text_encoder_lr: Optional[float] = opt(None, "Learning rate of text parameters (default: --learning_rate; "
+                                           "Prodigy uses --learning_rate for every group, as diffusers does).",
                                            min=0.0, max=10.0, min_exclusive=True, group="text")
     adam_weight_decay_text_encoder: Optional[float] = opt(
         None, "Weight decay of text parameters (default: --adam_weight_decay).", min=0.0, max=1.0, group="text")
@@ -222,7 +223,13 @@ class TrainConfig:
 
     @property
     def effective_text_lr(self) -> float:
-        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+        """The text groups' lr: --text_encoder_lr, else --learning_rate. Prodigy takes one lr for every group
+        (prodigyopt refuses groups with another non-zero lr at its first step), so with Prodigy it is
+        --learning_rate, as in diffusers' script; config_warnings() says so when the two differ."""
+        prodigy = Optimizer(self.optimizer) == Optimizer.prodigy and not self.use_8bit_adam
+        if self.text_encoder_lr is None or prodigy:
+            return self.learning_rate
+        return self.text_encoder_lr
 
     @property
     def pick_scale_values(self) -> tuple[float, ...]:
@@ -258,11 +265,12 @@ class TrainConfig:
         """defaults < preset < config file < overrides; then validated."""
         values: dict[str, Any] = {}
         file_values = load_config_file(config_file) if config_file else {}
-        preset = overrides.get("preset") or file_values.get("preset") or preset
+        # the explicit preset (a keyword, i.e. the command line's --preset) wins over a config file's preset:
+        preset = overrides.get("preset") or preset or file_values.get("preset")
         if preset:
             values.update(load_preset(preset))
             values["preset"] = preset
-        values.update(file_values)
+        values.update({k: v for k, v in file_values.items() if k != "preset"})
         values.update({k: v for k, v in overrides.items()})
         cfg = cls.from_dict(values)
         cfg.validate()

@@ -231,7 +231,8 @@ def dataset_problems(good: list[ImageFacts], min_images: int = 3,
         problems.append(Problem(
             "", "too_few_images", ERROR,
             f"The dataset has {n_good} usable image{'s' if n_good != 1 else ''}; at least {min_images} are needed.",
-            "Add more images (10-30 varied images work well) or fix the errors above.",
+            "Add more images (10-30 varied images work well) or fix the unusable ones (each is named with its "
+            "reason).",
         ))
     return problems
 

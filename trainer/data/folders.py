@@ -1,5 +1,5 @@
 """What the trainer reads from a folder: images with ``.txt``/``.caption`` sidecars, or an ImageFolder-style
-``metadata.jsonl``; and writing ``metadata.jsonl`` back.
+``metadata.jsonl`` / ``metadata.csv``; and writing ``metadata.jsonl`` back.
 
 Nothing here raises for bad user input: every problem with one entry becomes an :class:`IngestProblem` (file,
 code, message, fix) and the good entries are still returned. Nothing is read outside the folder (``..``,
@@ -7,6 +7,8 @@ absolute paths, symlinks that point out).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -143,6 +145,91 @@ def _meta_path_parts(value: str) -> Optional[list[str]]:
     return parts
 
 
+def _metadata_row(obj: dict, where: str, root: str, seen: set, caption_column: str, image_column: str,
+                  add) -> Optional[Record]:
+    """The record of one metadata row (a JSON object or a CSV row), or None after reporting why it was skipped."""
+    cols = ", ".join(sorted(map(str, obj.keys()))) or "none"
+    meta = where.split(" line ")[0]
+    value = obj.get(image_column)
+    if not isinstance(value, str) or not value.strip():
+        add(where, "missing_file_name", f"{where} has no '{image_column}' text value (columns present: {cols}).",
+            f"Add \"{image_column}\": \"<image file name>\" to that line.")
+        return None
+    shown = value.strip()
+    parts = _meta_path_parts(shown)
+    if parts is None:
+        add(shown, "unsafe_path",
+            f"{where}: '{shown}' points outside the dataset folder (absolute path or '..'); skipped.",
+            f"Use a path relative to the folder that contains {meta}, e.g. \"images/a.png\".")
+        return None
+    rel = "/".join(parts)
+    full = os.path.join(root, *parts)
+    if not is_within(full, root):
+        add(rel, "symlink_outside", f"{where}: '{rel}' is a link to a file outside the dataset folder; skipped.",
+            "Copy the image into the dataset folder instead of linking to it.")
+        return None
+    if not os.path.exists(full):
+        add(rel, "missing_file", f"{where}: the image '{rel}' does not exist in the dataset folder.",
+            f"Upload that image or remove its line from {meta}.")
+        return None
+    if not os.path.isfile(full):
+        add(rel, "not_an_image", f"{where}: '{rel}' is not a file.", "Point file_name at an image file.")
+        return None
+    if not is_image_name(rel):
+        add(rel, "not_an_image", f"{where}: '{rel}' does not have an image extension "
+            f"({', '.join(f.lower() for f in ACCEPTED_FORMATS)}).",
+            "Point file_name at an image file or convert the file.")
+        return None
+    if rel.casefold() in seen:
+        add(rel, "duplicate_entry", f"{where}: '{rel}' is listed more than once; the first line was used.",
+            "Remove the duplicate line.")
+        return None
+    seen.add(rel.casefold())
+    caption: Optional[str] = None
+    if caption_column not in obj:
+        add(rel, "missing_caption_column",
+            f"{where}: no '{caption_column}' caption column for '{rel}' (columns present: {cols}); "
+            "the image is used without a caption.",
+            f"Add \"{caption_column}\": \"...\" or choose one of the present columns as the caption column.")
+    else:
+        c = obj[caption_column]
+        if isinstance(c, str):
+            caption = c.strip()
+        elif c is not None:
+            add(rel, "bad_caption", f"{where}: the caption of '{rel}' is a {type(c).__name__}, not text; it was "
+                "ignored.", f"Make \"{caption_column}\" a plain string.")
+    return Record(path=full, caption=caption, source_name=rel)
+
+
+def _open_metadata(folder: PathLike, name: str, add):
+    """(root, open binary file) of ``<folder>/<name>``, or (root, None) after reporting why it cannot be read."""
+    root = os.path.realpath(os.fspath(folder))
+    meta = os.path.join(root, name)
+    if not os.path.isfile(meta):
+        add(name, "missing_metadata", f"There is no {name} in '{os.fspath(folder)}'.",
+            "Add a metadata.jsonl with one {\"file_name\": ..., \"text\": ...} object per line (or a "
+            "metadata.csv with file_name,text columns), or use .txt caption files.")
+        return root, None
+    if not is_within(meta, root):
+        add(name, "symlink_outside", f"{name} links to a file outside the dataset folder.",
+            f"Put the real {name} file in the dataset folder.")
+        return root, None
+    try:
+        size = os.path.getsize(meta)
+    except OSError:
+        size = 0
+    if size > MAX_METADATA_BYTES:
+        add(name, "metadata_too_large", f"{name} is {fmt_bytes(size)}; at most {fmt_bytes(MAX_METADATA_BYTES)} is "
+            "read.", "Keep only the file name and caption columns.")
+        return root, None
+    try:
+        return root, open(meta, "rb")
+    except OSError as e:
+        add(name, "missing_metadata", f"{name} could not be read ({e.strerror}).",
+            "Check the file and upload it again.")
+        return root, None
+
+
 def read_metadata_jsonl(
     folder: PathLike, caption_column: str = "text", image_column: str = "file_name"
 ) -> tuple[list[Record], list[IngestProblem]]:
@@ -153,40 +240,16 @@ def read_metadata_jsonl(
     ``unsafe_path`` (absolute or ``..``), ``symlink_outside``, ``missing_file``, ``not_an_image``,
     ``duplicate_entry``.
     """
-    root = os.path.realpath(os.fspath(folder))
-    meta = os.path.join(root, "metadata.jsonl")
     records: list[Record] = []
     problems: list[IngestProblem] = []
 
     def add(file: str, code: str, message: str, fix: str) -> None:
         problems.append(IngestProblem(file, code, message, fix))
 
-    if not os.path.isfile(meta):
-        add("metadata.jsonl", "missing_metadata", f"There is no metadata.jsonl in '{os.fspath(folder)}'.",
-            "Add a metadata.jsonl with one {\"file_name\": ..., \"text\": ...} object per line, or use .txt "
-            "caption files.")
+    root, f = _open_metadata(folder, "metadata.jsonl", add)
+    if f is None:
         return records, problems
-    if not is_within(meta, root):
-        add("metadata.jsonl", "symlink_outside", "metadata.jsonl links to a file outside the dataset folder.",
-            "Put the real metadata.jsonl file in the dataset folder.")
-        return records, problems
-    try:
-        size = os.path.getsize(meta)
-    except OSError:
-        size = 0
-    if size > MAX_METADATA_BYTES:
-        add("metadata.jsonl", "metadata_too_large",
-            f"metadata.jsonl is {fmt_bytes(size)}; at most {fmt_bytes(MAX_METADATA_BYTES)} is read.",
-            "Keep only the file name and caption columns.")
-        return records, problems
-
     seen: set[str] = set()
-    try:
-        f = open(meta, "rb")
-    except OSError as e:
-        add("metadata.jsonl", "missing_metadata", f"metadata.jsonl could not be read ({e.strerror}).",
-            "Check the file and upload it again.")
-        return records, problems
     with f:
         lineno = 0
         while True:
@@ -221,63 +284,46 @@ def read_metadata_jsonl(
                 add(where, "bad_json", f"{where} is JSON but not an object ({type(obj).__name__}).",
                     "Each line must be one JSON object like {\"file_name\": \"a.png\", \"text\": \"...\"}.")
                 continue
-            cols = ", ".join(sorted(map(str, obj.keys()))) or "none"
-            value = obj.get(image_column)
-            if not isinstance(value, str) or not value.strip():
-                add(where, "missing_file_name",
-                    f"{where} has no '{image_column}' text value (columns present: {cols}).",
-                    f"Add \"{image_column}\": \"<image file name>\" to that line.")
-                continue
-            shown = value.strip()
-            parts = _meta_path_parts(shown)
-            if parts is None:
-                add(shown, "unsafe_path",
-                    f"{where}: '{shown}' points outside the dataset folder (absolute path or '..'); skipped.",
-                    "Use a path relative to the folder that contains metadata.jsonl, e.g. \"images/a.png\".")
-                continue
-            rel = "/".join(parts)
-            full = os.path.join(root, *parts)
-            if not is_within(full, root):
-                add(rel, "symlink_outside",
-                    f"{where}: '{rel}' is a link to a file outside the dataset folder; skipped.",
-                    "Copy the image into the dataset folder instead of linking to it.")
-                continue
-            if not os.path.exists(full):
-                add(rel, "missing_file", f"{where}: the image '{rel}' does not exist in the dataset folder.",
-                    "Upload that image or remove its line from metadata.jsonl.")
-                continue
-            if not os.path.isfile(full):
-                add(rel, "not_an_image", f"{where}: '{rel}' is not a file.",
-                    "Point file_name at an image file.")
-                continue
-            if not is_image_name(rel):
-                add(rel, "not_an_image",
-                    f"{where}: '{rel}' does not have an image extension "
-                    f"({', '.join(f.lower() for f in ACCEPTED_FORMATS)}).",
-                    "Point file_name at an image file or convert the file.")
-                continue
-            if rel.casefold() in seen:
-                add(rel, "duplicate_entry", f"{where}: '{rel}' is listed more than once; the first line was used.",
-                    "Remove the duplicate line.")
-                continue
-            seen.add(rel.casefold())
-            caption: Optional[str] = None
-            if caption_column not in obj:
-                add(rel, "missing_caption_column",
-                    f"{where}: no '{caption_column}' caption column for '{rel}' (columns present: {cols}); "
-                    "the image is used without a caption.",
-                    f"Add \"{caption_column}\": \"...\" or choose one of the present columns as the caption column.")
-            else:
-                c = obj[caption_column]
-                if isinstance(c, str):
-                    caption = c.strip()
-                elif c is None:
-                    caption = None
-                else:
-                    add(rel, "bad_caption",
-                        f"{where}: the caption of '{rel}' is a {type(c).__name__}, not text; it was ignored.",
-                        f"Make \"{caption_column}\" a plain string.")
-            records.append(Record(path=full, caption=caption, source_name=rel))
+            rec = _metadata_row(obj, where, root, seen, caption_column, image_column, add)
+            if rec is not None:
+                records.append(rec)
+    return records, problems
+
+
+def read_metadata_csv(
+    folder: PathLike, caption_column: str = "text", image_column: str = "file_name"
+) -> tuple[list[Record], list[IngestProblem]]:
+    """Read an ImageFolder-style ``<folder>/metadata.csv`` (a header row naming the columns, as ``datasets``'
+    imagefolder reads it); the same codes as :func:`read_metadata_jsonl`, ``bad_csv`` for a malformed file."""
+    records: list[Record] = []
+    problems: list[IngestProblem] = []
+
+    def add(file: str, code: str, message: str, fix: str) -> None:
+        problems.append(IngestProblem(file, code, message, fix))
+
+    root, f = _open_metadata(folder, "metadata.csv", add)
+    if f is None:
+        return records, problems
+    with f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        add("metadata.csv", "bad_csv", f"metadata.csv is not valid UTF-8 text (byte {e.start}).",
+            "Save metadata.csv as UTF-8.")
+        return records, problems
+    seen: set[str] = set()
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            where = f"metadata.csv line {reader.line_num}"
+            obj = {str(k).strip(): v for k, v in row.items() if k is not None}  # None: cells beyond the header
+            rec = _metadata_row(obj, where, root, seen, caption_column, image_column, add)
+            if rec is not None:
+                records.append(rec)
+    except csv.Error as e:
+        add(f"metadata.csv line {reader.line_num}", "bad_csv", f"metadata.csv line {reader.line_num} is not valid "
+            f"CSV ({e}); the rest of the file was skipped.", "Quote captions that contain commas or quotes.")
     return records, problems
 
 
@@ -324,7 +370,9 @@ def write_metadata_jsonl(folder: PathLike, records: Iterable[Record]) -> str:
 def collect_dataset(
     folder: PathLike, caption_column: str = "text", image_column: str = "file_name"
 ) -> tuple[list[Record], list[IngestProblem]]:
-    """``read_metadata_jsonl`` when the folder has a metadata.jsonl, otherwise ``collect_folder``."""
-    if os.path.isfile(os.path.join(os.fspath(folder), "metadata.jsonl")):
-        return read_metadata_jsonl(folder, caption_column=caption_column, image_column=image_column)
+    """``read_metadata_jsonl`` when the folder has a metadata.jsonl, else ``read_metadata_csv`` when it has a
+    metadata.csv, otherwise ``collect_folder``."""
+    for name, read in (("metadata.jsonl", read_metadata_jsonl), ("metadata.csv", read_metadata_csv)):
+        if os.path.isfile(os.path.join(os.fspath(folder), name)):
+            return read(folder, caption_column=caption_column, image_column=image_column)
     return collect_folder(folder)

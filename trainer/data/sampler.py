@@ -69,12 +69,14 @@ class BucketBatchSampler:
         return epoch, self.epoch(epoch)[idx]
 
 
-def compute_total_steps(cfg, num_items: int, batches_per_epoch: int) -> tuple[int, int]:
-    """(total optimizer steps, optimizer steps per epoch)."""
+def compute_total_steps(cfg, num_items: int, batches_per_epoch: int, world: int = 1) -> tuple[int, int]:
+    """(total optimizer steps, optimizer steps per epoch). A step is one global batch: ``world`` processes x
+    ``train_batch_size`` x ``gradient_accumulation_steps`` images (``batches_per_epoch`` counts global batches),
+    so ``steps_per_image`` on N processes sees as many images as on one, in 1/N of the steps."""
     per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
     if cfg.max_train_steps:
         return cfg.max_train_steps, per_epoch
     if cfg.steps_per_image:
-        images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * max(1, world)
         return max(1, math.ceil(cfg.steps_per_image * num_items / images_per_step)), per_epoch
     return cfg.num_train_epochs * per_epoch, per_epoch

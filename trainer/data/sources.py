@@ -1,5 +1,6 @@
 """Where training images come from: a folder (captions from .txt sidecars or --instance_prompt), a local
-ImageFolder with metadata.jsonl, or a Hub dataset through ``datasets``. Bad files are reported one by one and
+ImageFolder with metadata.jsonl / metadata.csv, or a ``datasets`` dataset (a Hub name, a ``save_to_disk``
+folder, a parquet file). Bad files are reported one by one and
 skipped; the good ones go on."""
 from __future__ import annotations
 
@@ -58,11 +59,49 @@ def _from_records(records, instance_prompt: str, problems: list, on_image: OnIma
     return items
 
 
+#: File endings of data files ``datasets`` reads directly (``--dataset_name data.parquet``).
+DATA_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def is_saved_dataset(path: str) -> bool:
+    """True for a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def _has_data_files(folder: str) -> bool:
+    """A folder of parquet/arrow shards (a Hub dataset downloaded as files) rather than a folder of images."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # not the latent cache
+        if any(f.endswith((".parquet", ".arrow")) for f in files):
+            return True
+    return False
+
+
+def _load_datasets_source(cfg):
+    """The train split of ``--dataset_name`` through ``datasets``: a folder from ``save_to_disk``, a data file
+    (parquet, arrow...), a folder of parquet shards, or a Hub name."""
+    import datasets
+
+    name = cfg.dataset_name
+    ext = os.path.splitext(name)[1].lower()
+    if os.path.isdir(name) and is_saved_dataset(name):
+        ds = datasets.load_from_disk(name)
+    elif os.path.isfile(name) and ext in DATA_FILE_TYPES:
+        ds = datasets.load_dataset(DATA_FILE_TYPES[ext], data_files=name, cache_dir=cfg.cache_dir)
+    else:
+        ds = datasets.load_dataset(name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
+    if isinstance(ds, (datasets.DatasetDict, dict)):  # the train split, as diffusers' script takes
+        if "train" not in ds:
+            raise DatasetError(f"--dataset_name {name!r} has no 'train' split (splits: {list(ds)}).")
+        ds = ds["train"]
+    return ds
+
+
 def _from_hub(cfg, problems: list, on_image: OnImage = None) -> list[TrainItem]:
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir, split="train")
+        ds = _load_datasets_source(cfg)
+    except DatasetError:
+        raise
     except Exception as exc:
         raise DatasetError(
             f"--dataset_name {cfg.dataset_name!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
@@ -77,9 +116,15 @@ def _from_hub(cfg, problems: list, on_image: OnImage = None) -> list[TrainItem]:
         img = row[cfg.image_column]
         if not isinstance(img, Image.Image):
             problems.append(IngestProblem(f"row {i}", "not_an_image", f"row {i}: column {cfg.image_column!r} is "
-                                          "not an image", "check --image_column"))
+                                          "not an image", "check --image_column (it must be an Image() column)"))
             continue
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        try:
+            img.load()  # datasets decodes lazily: a broken row fails here, not in training
+            img = ImageOps.exif_transpose(img).convert("RGB")
+        except (OSError, ValueError) as exc:
+            problems.append(IngestProblem(f"row {i}", "truncated", f"row {i}: the image could not be decoded "
+                                          f"({type(exc).__name__}); it was skipped.", "Fix or remove that row."))
+            continue
         caption = row[cfg.caption_column] if cfg.caption_column else None
         caption = caption if isinstance(caption, str) and caption.strip() else cfg.instance_prompt
         items.append(TrainItem(index=len(items), name=f"row {i}", caption=caption.strip(), size=img.size,
@@ -90,9 +135,14 @@ def _from_hub(cfg, problems: list, on_image: OnImage = None) -> list[TrainItem]:
 
 
 def dataset_folder(cfg) -> Optional[str]:
-    """The local folder of the training images, or None for a Hub dataset."""
-    return cfg.instance_data_dir or (cfg.dataset_name if cfg.dataset_name and os.path.isdir(cfg.dataset_name)
-                                     else None)
+    """The local folder of the training images (``--instance_data_dir``, or an ImageFolder given as
+    ``--dataset_name``), or None when ``datasets`` reads the data (a Hub name, a saved dataset, data files)."""
+    if cfg.instance_data_dir:
+        return cfg.instance_data_dir
+    name = cfg.dataset_name
+    if name and os.path.isdir(name) and not is_saved_dataset(name) and not _has_data_files(name):
+        return name
+    return None
 
 
 def collect_records(cfg) -> Optional[tuple[list, list[IngestProblem]]]:

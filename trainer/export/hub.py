@@ -10,9 +10,13 @@ from ..hub_errors import http_status, is_unreachable
 HUB_PATTERNS = ["*.safetensors", "README.md", "samples/*.png", "config.json"]
 
 
+FILES_KEPT_HINT = "The run folder is complete; push again when online."
+
+
 def push_to_hub(run_dir: str, repo_id: str, token: Optional[str], private: bool = False,
-                commit_message: str = "Upload LoRA") -> str:
-    """Uploads the artifacts (never checkpoints or logs). The token is passed through, never stored."""
+                commit_message: str = "Upload LoRA", offline_hint: str = FILES_KEPT_HINT) -> str:
+    """Uploads the artifacts (never checkpoints or logs). The token is passed through, never stored.
+    ``offline_hint`` ends the message of an unreachable Hub (where the files are meanwhile)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -22,7 +26,7 @@ def push_to_hub(run_dir: str, repo_id: str, token: Optional[str], private: bool 
                           ignore_patterns=["checkpoints/*", "events.jsonl", "logs/*", "dataset/*"],
                           commit_message=commit_message)
     except Exception as exc:
-        raise HubError(describe_hub_error(exc, token)) from None
+        raise HubError(describe_hub_error(exc, token, offline_hint)) from None
     return str(url)
 
 
@@ -30,7 +34,7 @@ class HubError(RuntimeError):
     pass
 
 
-def describe_hub_error(exc: Exception, token: Optional[str]) -> str:
+def describe_hub_error(exc: Exception, token: Optional[str], offline_hint: str = FILES_KEPT_HINT) -> str:
     """A failed push as one sentence that says what to do (never the token itself)."""
     status = http_status(exc)
     if status == 401:
@@ -38,7 +42,7 @@ def describe_hub_error(exc: Exception, token: Optional[str]) -> str:
     elif status == 403:
         msg = "the token may not write to this repo (403): use a write token or a repo under your own name."
     elif is_unreachable(exc):
-        msg = "the Hub could not be reached (no network). The run folder is complete; push again when online."
+        msg = f"the Hub could not be reached (no network). {offline_hint}"
     else:
         msg = f"{type(exc).__name__}: {exc}"[:300]
     if token:

@@ -1,9 +1,14 @@
 """The loader role: model ids -> local folders, ``model_index.json`` lookup, ``from_pretrained`` of every part,
-and load errors that say what to do."""
+and load errors that say what to do.
+
+Weights load from ``.safetensors`` files only (``use_safetensors=True`` everywhere): a pickled ``.bin`` / ``.ckpt``
+can run code when it is unpickled, so a repo or folder without safetensors weights is refused with a message
+(:data:`SAFETENSORS_ONLY`), never loaded."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -16,6 +21,24 @@ from .pooling import pool_at_end_of_text
 
 class ModelLoadError(RuntimeError):
     """The base model could not be loaded; the message says why and what to do."""
+
+
+SAFETENSORS_ONLY = ("has no .safetensors weights (only pickled .bin/.ckpt files, which can run code when loaded). "
+                    "Only safetensors weights are loaded: pick a model that has them, or convert it once on a "
+                    "trusted machine (load it and save_pretrained(..., safe_serialization=True)).")
+_ABS_PATH = re.compile(r"(?<![\w.:])/(?:[^\s/'\"`]+/)+[^\s'\"`]*")
+
+
+def lacks_safetensors(exc: BaseException) -> bool:
+    """True for the errors diffusers / transformers raise when ``use_safetensors=True`` finds no such file."""
+    text = str(exc).lower()
+    return "safetensors" in text and any(k in text for k in ("no file named", "does not appear to have",
+                                                                 "could not find", "not found"))
+
+
+def without_paths(text: str) -> str:
+    """``text`` with absolute server paths replaced (load errors quote the folders they looked in)."""
+    return _ABS_PATH.sub("<a server folder>", text)
 
 
 def resolve(model_id: str) -> str:
@@ -48,7 +71,9 @@ def read_model_index(model_path: str, revision: Optional[str] = None, cache_dir:
 
 
 def wrap_load_error(model_path: str, exc: Exception) -> ModelLoadError:
-    """A Hub / loading failure as a ModelLoadError that says what to do."""
+    """A Hub / loading failure as a ModelLoadError that says what to do (no server folder in it)."""
+    if lacks_safetensors(exc):
+        return ModelLoadError(f"Model {model_path!r} {SAFETENSORS_ONLY}")
     if is_gated(exc):
         return ModelLoadError(f"Model {model_path!r} is gated: accept its license on the Hub and log in "
                               "(huggingface-cli login), then try again.")
@@ -57,7 +82,7 @@ def wrap_load_error(model_path: str, exc: Exception) -> ModelLoadError:
                               f"a gated/private model). {OFFLINE_HINT}")
     if is_unreachable(exc):
         return ModelLoadError(f"Could not load {model_path!r}: {OFFLINE_HINT}")
-    return ModelLoadError(f"Could not load {model_path!r}: {type(exc).__name__}: {str(exc)[:500]}")
+    return ModelLoadError(f"Could not load {model_path!r}: {type(exc).__name__}: {without_paths(str(exc))[:500]}")
 
 
 def load_parts(family, model_path: str, *, revision=None, variant=None, vae_path=None, cache_dir=None,
@@ -68,7 +93,7 @@ def load_parts(family, model_path: str, *, revision=None, variant=None, vae_path
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    kw = dict(revision=revision, cache_dir=cache_dir)
+    kw = dict(revision=revision, cache_dir=cache_dir, use_safetensors=True)
     try:
         tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=sub, use_fast=False, **kw)
                       for sub in family.tokenizer_attrs]
@@ -77,10 +102,11 @@ def load_parts(family, model_path: str, *, revision=None, variant=None, vae_path
         unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=variant,
                                                     torch_dtype=dtype, **kw)
         if vae_path:
-            vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir)
+            vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=cache_dir, use_safetensors=True)
         else:
             vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=variant, **kw)
-        sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+        sched = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision,
+                                              cache_dir=cache_dir)
     except Exception as exc:
         raise wrap_load_error(model_path, exc) from None
     pool_at_end_of_text(encoders, tokenizers)

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .. import distributed
 from ..config import Optimizer, TrainConfig
 from ..events import Status
 from .measure import Measurement, measure_run
@@ -65,8 +66,8 @@ def default_resolution(cfg: TrainConfig) -> Optional[int]:
 
 
 def planned_total_steps(cfg: TrainConfig, items=None) -> int:
-    """Optimizer steps of the whole run, computed as the loop does (single process). ``items``: the dataset as
-    already read (else it is read here)."""
+    """Optimizer steps of the whole run, computed as the loop does (with this launch's number of processes).
+    ``items``: the dataset as already read (else it is read here)."""
     if cfg.max_train_steps:
         return int(cfg.max_train_steps)
     from ..data.buckets import make_buckets, nearest_bucket
@@ -79,9 +80,10 @@ def planned_total_steps(cfg: TrainConfig, items=None) -> int:
     res = default_resolution(cfg) or 1024
     buckets = make_buckets(res, cfg.bucket_step) if cfg.aspect_buckets else [(res, res)]
     item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
-    sampler = BucketBatchSampler(item_buckets, repeats=cfg.repeats, batch_size=cfg.train_batch_size,
+    world = distributed.world_size()
+    sampler = BucketBatchSampler(item_buckets, repeats=cfg.repeats, batch_size=cfg.train_batch_size * world,
                                  seed=cfg.seed or 0, random_flip=cfg.random_flip)
-    return compute_total_steps(cfg, len(items), sampler.batches_per_epoch())[0]
+    return compute_total_steps(cfg, len(items), sampler.batches_per_epoch(), world)[0]
 
 
 def text_steps(cfg: TrainConfig, total: int) -> int:
@@ -117,6 +119,20 @@ def predict_seconds(m: Measurement, cfg: TrainConfig, total: int) -> float:
     s_text = m.text_s_per_it or m.s_per_it
     s_frozen = m.frozen_s_per_it or m.s_per_it
     return m.overhead_s + n_text * s_text + (total - n_text) * s_frozen
+
+
+def worst_of_ranks(m: Measurement) -> Measurement:
+    """Several ranks: rank 0's measurement with the highest peak of any rank (out of memory if any rank was),
+    the same on every rank, so every rank takes the same decisions and measures the same next settings (the
+    measurements are data parallel runs: ranks that disagreed would wait on each other)."""
+    peaks = distributed.gather((m.peak_bytes, m.oom))
+    if len(peaks) == 1:
+        return m
+    from dataclasses import replace
+
+    m = distributed.broadcast(m)
+    oom = any(o for _, o in peaks)
+    return replace(m, oom=oom, peak_bytes=None if oom else max(int(p or 0) for p, _ in peaks))
 
 
 def _bnb_ok() -> bool:
@@ -236,6 +252,7 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
             shutil.rmtree(workdir, ignore_errors=True)
             raise
     budget = int(budget_bytes) if budget_bytes is not None else available_memory()
+    budget = min(distributed.gather(budget))  # several ranks: the smallest budget of them all
     real = _real_measure(measure_steps, workdir, on_event, stop, inputs) if measure is None else None
 
     def run(c: TrainConfig) -> Measurement:
@@ -253,7 +270,7 @@ def preflight(cfg: TrainConfig, measure_steps: int = 3, budget_bytes: Optional[i
         while True:
             label = ", ".join(changes) if changes else "the settings as given"
             status(f"measuring {measure_steps} steps with {label}", len(attempts), 0)
-            m = run(current)
+            m = worst_of_ranks(run(current))
             attempts.append({**_describe(current), "peak_bytes": m.peak_bytes, "s_per_it": m.s_per_it,
                              "oom": m.oom, "change": changes[-1] if changes else None})
             fits = m.peak_bytes is not None and m.peak_bytes <= budget

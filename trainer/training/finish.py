@@ -11,6 +11,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import export
+from ..distributed import all_true
 from ..events import Checkpoint, Finished, Sample as SampleEvent
 from .errors import NONFINITE_ADVICE, TrainingError
 from .lora import load_peft_state_dict, peft_state_dict
@@ -20,13 +21,29 @@ from generation.pipelines import RenderStopped
 from .validation import render_samples
 
 
-def check_finite(t, step: int) -> None:
-    """Never write a checkpoint or LoRA whose weights went NaN/inf (the previous checkpoint stays latest)."""
+def weights_finite(t) -> bool:
+    """Whether every trainable weight (and learnt token row) of the run is finite."""
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
     if t.pivotal:
         params += t.pivotal.parameters()
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        raise TrainingError(
+    return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+def agree_finite(t, step: int) -> None:
+    """``check_finite`` on every rank at once: one collective, so all ranks raise together when any rank's
+    weights went NaN/inf (every rank calls it at the same step)."""
+    if not all_true(weights_finite(t), t.accelerator.device):
+        _raise_nonfinite(step)
+
+
+def check_finite(t, step: int) -> None:
+    """Never write a checkpoint or LoRA whose weights went NaN/inf (the previous checkpoint stays latest)."""
+    if not weights_finite(t):
+        _raise_nonfinite(step)
+
+
+def _raise_nonfinite(step: int) -> None:
+    raise TrainingError(
             f"the LoRA weights became NaN/inf at step {step}; nothing was saved over the last good checkpoint.",
             NONFINITE_ADVICE)
 
@@ -121,6 +138,7 @@ def finish(t, step: int, stopped: bool) -> dict[str, str]:
     """The last checkpoint (unless stopped: the stop already saved one), the LoRA files, embeddings, samples,
     model card and the Hub upload; emits Finished."""
     cfg, acc = t.cfg, t.accelerator
+    agree_finite(t, step)  # all ranks stop with the error, not only rank 0
     acc.wait_for_everyone()
     artifacts: dict[str, str] = {}
     if not acc.is_main_process:

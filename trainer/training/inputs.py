@@ -133,7 +133,7 @@ class RunInputs:
                 status("data", f"read {item.index + 1} images")
             if store is None or blocked[0]:
                 return
-            if item.path and any(p.severity == "error" for p in size_problems(item.name, item.size, resolution)):
+            if any(p.severity == "error" for p in size_problems(item.name, item.size, resolution)):
                 blocked[0] = True  # training will not start: no VAE time for the rest, the checks go on
                 return
             t = time.time()
@@ -156,15 +156,19 @@ class RunInputs:
 
     def check(self, cfg: TrainConfig, resolution: int, tokenizer) -> list[str]:
         """Notes of the dataset checks at ``resolution`` (from the facts read once: no image is opened); raises
-        TrainingError when a problem blocks training. Images from a Hub dataset are not checked."""
+        TrainingError when a problem blocks training. In-memory images (a ``datasets`` dataset) are checked as
+        files are: their facts come from the same single decode."""
         t0 = time.time()
-        entries = [(it.name, it.caption, self.facts[it.index]) for it in self.items if it.path]
+        entries = [(it.name, it.caption, self.facts[it.index]) for it in self.items]
         problems = check_facts(entries, resolution=resolution,
                                trigger=cfg.abstractions[0] if cfg.abstractions else "", min_images=3,
                                tokenizer=tokenizer)
         self.seconds["checks"] += time.time() - t0
         blocking = [p for p in problems if p.severity == "error"]
         if blocking:
+            # the files skipped while reading (unreadable, unsupported...) are part of why too few images are left
+            skipped = [f"  {n[len('skipped '):]}" for n in self.ingest_notes if n.startswith("skipped ")]
             raise TrainingError("the dataset has problems:\n" + "\n".join(
-                f"  {p.file}: {p.message} Fix: {p.fix}" for p in blocking))
+                [f"  {p.file + ': ' if p.file else ''}{p.message} Fix: {p.fix}" for p in blocking]
+                + (["skipped while reading:"] + skipped if skipped else [])))
         return [f"{p.file}: {p.message}" for p in problems]

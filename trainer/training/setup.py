@@ -13,6 +13,7 @@ from ..data.sources import TrainItem, load_class_items
 from ..devices import default_mixed_precision, weight_dtype
 from ..families import detect_family, get_family, resolve
 from ..families.loading import load_parts
+from ..families.unsupported import refuse_unsupported
 from .errors import TrainingError
 from .lora import add_text_encoder_lora, add_unet_lora
 from .pivotal import PivotalTokens
@@ -45,11 +46,12 @@ def load_model(cfg: TrainConfig, accelerator, status: Callable[[str, str], None]
     """(family, components) with the frozen parts on the accelerator's device in their training dtypes."""
     device = accelerator.device
     model_path = resolve(cfg.pretrained_model_name_or_path)
+    vae_path = resolve(cfg.pretrained_vae_model_name_or_path) if cfg.pretrained_vae_model_name_or_path else None
+    refuse_unsupported(model_path, vae_path, cfg.revision, cfg.cache_dir)  # refiner, EDM, latents_mean VAE
     family = (detect_family(model_path, cfg.revision, cfg.cache_dir) if cfg.model_family.value == "auto"
               else get_family(cfg.model_family.value))
     status("model", f"loading {cfg.pretrained_model_name_or_path} ({family.name})")
     wdtype = weight_dtype(accelerator.mixed_precision)
-    vae_path = resolve(cfg.pretrained_vae_model_name_or_path) if cfg.pretrained_vae_model_name_or_path else None
     comps = load_parts(family, model_path, revision=cfg.revision, variant=cfg.variant, vae_path=vae_path,
                        cache_dir=cfg.cache_dir, dtype=wdtype)
     # The VAE runs in fp32 unless it is the fp16-fix VAE (plain SDXL VAE overflows in half precision).

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..distributed import average_gradients
 from .batches import MicroBatch
 from .loss import diffusion_loss, target_for
 
@@ -36,14 +37,11 @@ def backward(loss: torch.Tensor, scaler=None) -> None:
 def apply_gradients(params: list[torch.nn.Parameter], *, optimizer, scheduler, accelerator, world: int,
                     max_grad_norm: float, fault_hook: Optional[Callable[[str], None]], step: int,
                     scaler=None) -> None:
-    """Averages gradients over ``world`` ranks, clips them, steps the optimizer and the scheduler. With a
+    """Averages gradients over ``world`` ranks (in buckets: ``distributed.average_gradients``), clips them, steps the optimizer and the scheduler. With a
     GradScaler the (identical, averaged) gradients are unscaled before clipping, and a step whose gradients
     overflowed is skipped by the scaler, which then lowers its scale."""
     if world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
+        average_gradients(params)  # one all-reduce per ~25 MB bucket, not one per tensor
     if scaler is not None:
         scaler.unscale_(optimizer)
     if max_grad_norm > 0:

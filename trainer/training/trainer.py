@@ -1,7 +1,8 @@
 """The training run: setup -> steps -> finish, under accelerate (one process, or ``accelerate launch`` /
-``torchrun`` data parallel: each rank takes its slice of one global batch; gradients are averaged with an
-explicit all-reduce, because the trainable parameters live in three modules and the text ones leave training at
-the pivot, which DDP wrappers handle poorly).
+``torchrun`` data parallel: each rank takes its slice of one global batch; a step is one global batch;
+gradients are averaged with explicit all-reduces in ~25 MB buckets (``distributed.average_gradients``), because
+the trainable parameters live in three modules and the text ones leave training at the pivot, which DDP wrappers
+handle poorly). Only rank 0 writes the run folder and forwards events (progress bar, notes).
 
 The work is done by the role modules: ``setup`` (data, model, trainable parameters), ``batches``, ``caches``,
 ``step`` and ``finish`` (checkpoints, samples, export). This class holds the state they share.
@@ -20,6 +21,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..data.buckets import nearest_bucket
+from ..config.run_folder import settle_seed
 from ..data.sources import collect_records
 from ..data.sampler import BucketBatchSampler, compute_total_steps
 from ..events import EventLog, Failed, Started, Status, Step, ValidationLoss
@@ -77,23 +79,32 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = setup.make_accelerator(self.cfg, self.run_dir)
         self.scaler = self.accelerator.scaler  # fp16 on a GPU: accelerate's GradScaler; None otherwise
-        self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event,
-                            enabled=self.accelerator.is_main_process)
+        main = self.accelerator.is_main_process
+        # rank 0 alone writes events.jsonl and forwards events: one progress bar and one set of notes, not N
+        self.log = EventLog(os.path.join(self.run_dir, "events.jsonl"), self.on_event if main else None,
+                            enabled=main)
         return self
 
     def setup(self) -> None:
         """Everything before the first step: data, model, adapters, optimizer, resume, caches."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
+        seed_note = None
+        if cfg.seed is None:  # chosen once, saved in config.json, reused on resume; every rank takes rank 0's
+            cfg, seed_note = settle_seed(cfg, self.run_dir)
+            if acc.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                cfg = cfg.replace(seed=broadcast_object_list([cfg.seed])[0])
+            self.cfg = cfg
         self.started_at = time.time()  # the kohya metadata's ss_training_started_at
         self.world, self.rank = acc.num_processes, acc.process_index
         if acc.is_main_process:
             cfg.save(os.path.join(self.run_dir, "config.json"))
-        notes = self.extra_notes + list(cfg.warnings())
-        if cfg.seed is not None:
-            torch.manual_seed(cfg.seed)
-            np.random.seed(cfg.seed % 2**32)
-        self.seed = seed = cfg.seed if cfg.seed is not None else int(time.time())
+        notes = self.extra_notes + list(cfg.warnings()) + ([seed_note] if seed_note else [])
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.seed = seed = cfg.seed
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -122,7 +133,8 @@ class Trainer:
         self.item_buckets = item_buckets = [nearest_bucket(*it.size, buckets) for it in items]
         self.sampler = BucketBatchSampler(item_buckets, repeats=cfg.repeats, batch_size=cfg.train_batch_size * self.world,
                                           seed=seed, random_flip=cfg.random_flip)
-        self.total, self.steps_per_epoch = compute_total_steps(cfg, len(items), self.sampler.batches_per_epoch())
+        self.total, self.steps_per_epoch = compute_total_steps(cfg, len(items), self.sampler.batches_per_epoch(),
+                                                                   self.world)
         self.pivot_step = max(1, int(cfg.train_text_encoder_ti_frac * self.total)) if self.pivotal else 0
         self.te_stop_step = max(1, int(cfg.train_text_encoder_frac * self.total)) if self.te_lora else 0
         self.optimizer = build_optimizer(cfg, groups)
@@ -210,12 +222,28 @@ class Trainer:
             self.comps.unet.train()
         self.log.emit(ValidationLoss(step=step, loss=loss))
 
+    def checkpoint(self, step: int) -> None:
+        """Checkpoint ``step``: every rank first agrees that the weights are finite (a NaN seen by one rank stops
+        them all with the error, instead of leaving the others waiting), then rank 0 saves and all wait."""
+        finish.agree_finite(self, step)
+        if self.accelerator.is_main_process:
+            finish.save(self, step)
+        self.accelerator.wait_for_everyone()
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     def train_steps(self, start: int, total: int) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
+        seed_note = None
+        if cfg.seed is None:  # chosen once, saved in config.json, reused on resume; every rank takes rank 0's
+            cfg, seed_note = settle_seed(cfg, self.run_dir)
+            if acc.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                cfg = cfg.replace(seed=broadcast_object_list([cfg.seed])[0])
+            self.cfg = cfg
         accum = cfg.gradient_accumulation_steps
         self.comps.unet.train()
         if self.te_lora and self.text_trainable:
@@ -269,16 +297,13 @@ class Trainer:
             if step % cfg.validation_loss_every == 0 or step == total:
                 self.validation_loss(step)
             if (step % cfg.checkpointing_steps == 0 or stopping) and step < total:
-                if acc.is_main_process:
-                    finish.save(self, step)
-                acc.wait_for_everyone()
+                self.checkpoint(step)
             if cfg.validation_prompt and step % cfg.validation_steps == 0 and step < total and not stopping:
                 finish.validate(self, step)
                 if self.stop.is_set():  # Stop pressed during the samples: keep this step, end now
                     stopping = True
-                    if acc.is_main_process and step % cfg.checkpointing_steps != 0:
-                        finish.save(self, step)
-                    acc.wait_for_everyone()
+                    if step % cfg.checkpointing_steps != 0:
+                        self.checkpoint(step)
             if stopping:
                 break
         stopped = step < total
