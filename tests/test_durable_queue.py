@@ -21,7 +21,7 @@ from test_frozen_dataset import wait_file
 from trainer.events import read_events
 
 RUN = dict(concept="face", trigger="TOK", base_model="tiny-sdxl", max_train_steps=4, checkpointing_steps=2,
-           seed=3, rank=4, auto_fit=False, validation_prompt="")
+           seed=3, rank=4, auto_fit=False, validation_prompt="", train_text_encoder_ti=False)
 
 
 def kill9(server) -> None:

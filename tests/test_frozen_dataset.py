@@ -61,7 +61,7 @@ def test_edits_during_a_run_change_the_next_run_not_this_one(app, tmp_path):
     captions = {f"photo_{i}.png": f"a photo of TOK, picture number {i}" for i in range(3)}
     c, ref = Client(app.url, verbose=False), Client(app.url, verbose=False)
     for client in (c, ref):
-        _, gallery, table, _, _ = client.predict([handle_file(p) for p in imgs[:3]], api_name="/upload_images")
+        table = client.predict([handle_file(p) for p in imgs[:3]], api_name="/upload_images")[2]
         names = [r[0] for r in rows(table)]
         assert len(names) == 3, names
         save_captions(client, dict(zip(names, captions.values())))
@@ -72,14 +72,14 @@ def test_edits_during_a_run_change_the_next_run_not_this_one(app, tmp_path):
     wait_file(os.path.join(app.gates, "edited.step-1.reached"))
     # the run has trained one step; now every kind of dataset edit
     c.predict(api_name="/clear_dataset")
-    _, _, table, msg, _ = c.predict([handle_file(imgs[3]), handle_file(imgs[0])], api_name="/upload_images")
+    _, _, table, msg, *_ = c.predict([handle_file(imgs[3]), handle_file(imgs[0])], api_name="/upload_images")
     names = [r[0] for r in rows(table)]
     assert len(names) == 2, msg
     save_captions(c, {names[0]: "a photo of TOK, my own words"})
     open(os.path.join(app.gates, "fake-cuda"), "w").close()  # the app now believes it has a GPU
     try:
-        table, note = c.predict(model="tiny-blip", concept="face", trigger="TOK", overwrite=False,
-                                api_name="/auto_caption")
+        table, note, *_ = c.predict(model="tiny-blip", concept="face", trigger="TOK", overwrite=False,
+                                    api_name="/auto_caption")
     finally:
         os.remove(os.path.join(app.gates, "fake-cuda"))
     assert "on the CPU (a training holds the GPU)" in note, note  # the injected GPU is the training's
@@ -109,7 +109,7 @@ def test_edits_during_a_run_change_the_next_run_not_this_one(app, tmp_path):
 def test_auto_caption_keeps_an_edit_made_while_it_captions(app, tmp_path):
     imgs = make_images(str(tmp_path / "imgs"), 4)
     c = Client(app.url, verbose=False)
-    _, _, table, _, _ = c.predict([handle_file(p) for p in imgs[:3]], api_name="/upload_images")
+    table = c.predict([handle_file(p) for p in imgs[:3]], api_name="/upload_images")[2]
     names = [r[0] for r in rows(table)]
     open(os.path.join(app.gates, "caption.before-write.wait"), "w").close()
     try:
@@ -119,7 +119,7 @@ def test_auto_caption_keeps_an_edit_made_while_it_captions(app, tmp_path):
         save_captions(c, {names[0]: "a red square on TOK, hand written"})
         c.predict([handle_file(imgs[3])], api_name="/upload_images")
         open(os.path.join(app.gates, "caption.before-write.go"), "w").close()
-        table, note = job.result(timeout=120)
+        table, note, *_ = job.result(timeout=120)
     finally:
         os.remove(os.path.join(app.gates, "caption.before-write.wait"))
     caps = {r[0]: r[1] for r in rows(table)}

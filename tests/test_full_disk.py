@@ -20,7 +20,7 @@ from test_frozen_dataset import wait_file
 from trainer.events import read_events
 
 RUN = dict(concept="face", trigger="TOK", base_model="tiny-sdxl", checkpointing_steps=2, seed=5, rank=4,
-           auto_fit=False, validation_prompt="")
+           auto_fit=False, validation_prompt="", train_text_encoder_ti=False)
 
 
 @pytest.fixture(scope="module")
