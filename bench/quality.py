@@ -59,7 +59,7 @@ def token_movement(run_dir: str, model_dir: str) -> float:
 
 
 def score(run_dir: str, pipe_judge, pivotal: bool = True) -> dict:
-    from trainer.toyworld.concept import CONCEPT, PRIOR, score_run
+    from trainer.toyworld.concept import CONCEPT_HIT as CONCEPT, PRIOR_HIT as PRIOR, score_run
     from trainer.toyworld.measure import prompt_hit_rate
 
     if pivotal:

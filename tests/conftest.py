@@ -73,3 +73,12 @@ def base_diffusers_kohya_images(pipe, run_dir, kohya_name: str, prompt: str = "a
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(run_dir), weight_name=kohya_name)
     return base, with_diffusers, render(pipe, prompt)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A skipped browser suite is said loudly at the end of the run, not hidden in the skip count."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_app_browser" in r.nodeid]
+    if skipped:
+        terminalreporter.write_sep("!", f"BROWSER SUITE SKIPPED: {len(skipped)} browser test(s) did not run "
+                                   "(Chromium missing); CI sets REQUIRE_BROWSER=1 to fail instead", red=True,
+                                   bold=True)

@@ -149,10 +149,11 @@ def test_job_queue_is_fifo_one_at_a_time_and_cleaner_keeps_runs(tmp_path):
     from ui.jobs import JobManager
     from ui.sessions import Workspaces
 
-    gate, running = threading.Event(), []
+    gate, started, running = threading.Event(), threading.Event(), []
 
     def fake_train(cfg, on_event=None, stop=None):
         running.append(cfg.output_dir)
+        started.set()
         assert len(running) - len(done) == 1  # never two at once
         gate.wait(10)
         done.append(cfg.output_dir)
@@ -162,7 +163,7 @@ def test_job_queue_is_fifo_one_at_a_time_and_cleaner_keeps_runs(tmp_path):
     released = []
     jm = JobManager(train_fn=fake_train, before_train=[lambda: released.append(1)])
     jobs = [jm.submit(f"s{i}", SimpleNamespace(output_dir=str(tmp_path / f"r{i}"))) for i in range(3)]
-    time.sleep(0.3)
+    assert started.wait(10)  # the first job is running (a condition, not a sleep)
     assert [jm.position(j) for j in jobs] == [0, 2, 3]
     jm.stop(jobs[2])  # a queued job leaves the queue at once
     assert jobs[2].state == "stopped"

@@ -44,10 +44,11 @@ def test_typo_prints_did_you_mean_first():
 def test_model_load_error_prints_once_without_traceback(tmp_path):
     from PIL import Image
 
+    (tmp_path / "data").mkdir()
     for i in range(3):
-        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(tmp_path / "data" / f"{i}.png")
     proc = subprocess.run([sys.executable, "-m", "trainer", "--pretrained_model_name_or_path",
-                           str(tmp_path / "no-such-model"), "--instance_data_dir", str(tmp_path),
+                           str(tmp_path / "no-such-model"), "--instance_data_dir", str(tmp_path / "data"),
                            "--output_dir", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
     assert proc.returncode == 1

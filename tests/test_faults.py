@@ -1,16 +1,15 @@
-"""Faults lose at most one checkpoint: SIGKILL at random moments, a kill during a checkpoint write, a full
-disk, an out-of-memory error and a NaN loss each stop cleanly and leave the previous checkpoint intact."""
+"""Faults lose at most one checkpoint: SIGKILL at named fault points (mid-steps, mid-write, the pivot), a kill
+during a checkpoint write, a full disk, an out-of-memory error and a NaN loss each stop cleanly and leave the
+previous checkpoint intact."""
 from __future__ import annotations
 
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -61,33 +60,42 @@ def straight(tmp_path_factory, tiny_sdxl):
     return data, out
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(straight, tmp_path):
+KILL_AT = r"""
+import os, signal, sys
+from trainer import TrainConfig, train
+data, out, point, nth, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+cfg_args = dict(pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=data, output_dir=out,
+                train_text_encoder_ti=True, optimizer="prodigy", learning_rate=1.0, rank=4, max_train_steps=%d,
+                checkpointing_steps=4, seed=11, resume_from_checkpoint=resume or None)
+seen = {"n": 0}
+def hook(where):
+    if where == point:
+        seen["n"] += 1
+        if seen["n"] == nth:   # the named fault point, its nth time: SIGKILL, nothing flushed or cleaned up
+            os.kill(os.getpid(), signal.SIGKILL)
+train(TrainConfig.from_sources(**cfg_args), fault_hook=hook)
+""" % STEPS
+
+# (fault point, its nth occurrence, resume): mid-steps between two checkpoints (step 7, after step-4), inside the
+# second checkpoint write after resuming (step-12: weights written, optimizer not yet), and at the pivot step
+# (30 of 60, after step-28). Each run resumes from what the one before left.
+KILLS = [("before-optimizer-step:6", 1, ""), ("mid-write", 2, "latest"), ("before-optimizer-step:30", 1, "latest")]
+
+
+def test_sigkill_at_named_points_then_resume_equals_an_uninterrupted_run(straight, tmp_path):
     data, reference = straight
     out = str(tmp_path / "run")
-    rng = random.Random(1234)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kills = 0
-    for attempt in range(4):
-        extra = ["--resume_from_checkpoint", "latest"] if attempt else []
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", *args(data, out, *extra)], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = steps_logged(out) if os.path.exists(os.path.join(out, "events.jsonl")) else 0
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and steps_logged(out) <= before:
-            time.sleep(0.02) if os.path.exists(os.path.join(out, "events.jsonl")) else time.sleep(0.1)
-        if proc.poll() is None:
-            time.sleep(rng.uniform(0.0, 0.6))  # somewhere in the steps, a checkpoint write or an export
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
-        if proc.returncode == 0:
-            break
-    assert kills >= 2
-    if not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors")):
-        final = subprocess.run([sys.executable, "-m", "trainer", *args(data, out, "--resume_from_checkpoint",
-                                                                        "latest")],
-                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-        assert final.returncode == 0, final.stderr[-2000:]
+    latest = []
+    for point, nth, resume in KILLS:
+        proc = subprocess.run([sys.executable, "-c", KILL_AT, data, out, point, str(nth), resume], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        latest.append(os.path.basename(latest_checkpoint(os.path.join(out, "checkpoints"))))
+    assert latest == ["step-4", "step-8", "step-28"]  # each kill lost at most the steps since the last checkpoint
+    final = subprocess.run([sys.executable, "-m", "trainer", *args(data, out, "--resume_from_checkpoint", "latest")],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
     assert_same_result(reference, out)
 
 

@@ -128,3 +128,9 @@ def test_too_small_dataset_names_each_skipped_file(tmp_path, tiny_sdxl):
     text = str(err.value)
     assert "2 usable images" in text and "skipped while reading" in text
     assert "broken.png" in text and "phone.heic" in text and "not supported" in text
+
+
+def test_clip_skip_is_accepted_with_its_note(tmp_path):
+    """--clip_skip (a flag of diffusers' scripts) no longer stops the command line; the note says what is used."""
+    cfg, notes = parse_config(["--instance_data_dir", str(tmp_path), "--clip_skip", "2"])
+    assert any("--clip_skip is accepted" in n and "penultimate layer" in n for n in notes)

@@ -114,3 +114,33 @@ def test_book_chapter_command_line_runs(tmp_path, tiny_sd):
     assert (out / "checkpoints" / "step-5").is_dir()
     cfg = json.load(open(out / "config.json"))
     assert cfg["resolution"] == 512 and cfg["random_flip"] is True and cfg["caption_column"] == "prompt"
+
+
+def test_v_prediction_target_is_the_velocity_and_min_snr_divides_by_snr_plus_one(tmp_path):
+    """On the v-prediction tiny SD 2 the training target is ``scheduler.get_velocity`` (= sqrt(acp) * noise -
+    sqrt(1 - acp) * x0, written out here) and min-SNR weighs by min(snr, gamma) / (snr + 1), not / snr."""
+    import torch
+
+    from trainer.training.loss import diffusion_loss, per_sample_mse, target_for
+    from trainer.training.trainer import Trainer
+
+    data = str(tmp_path / "data")
+    write_dataset(data)
+    t = Trainer(TrainConfig.from_sources(pretrained_model_name_or_path="tiny-sd2-v", instance_data_dir=data,
+                                         output_dir=str(tmp_path / "v"), max_train_steps=2, snr_gamma=5.0)).open()
+    t.setup()
+    sched = t.comps.noise_scheduler
+    assert sched.config.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    steps = torch.tensor([5, 100, 500, 990])
+    acp = sched.alphas_cumprod[steps].view(-1, 1, 1, 1)
+    target = target_for(sched, x0, noise, steps)
+    torch.testing.assert_close(target, acp.sqrt() * noise - (1 - acp).sqrt() * x0)
+    torch.testing.assert_close(target, sched.get_velocity(x0, noise, steps))
+    pred = torch.randn(4, 4, 8, 8, generator=g)
+    snr = (acp / (1 - acp)).flatten()
+    loss, _ = diffusion_loss(pred, target, steps, sched, snr_gamma=5.0)
+    mse = per_sample_mse(pred, target)
+    torch.testing.assert_close(loss, (mse * torch.clamp(snr, max=5.0) / (snr + 1)).mean())
+    assert not torch.allclose(loss, (mse * torch.clamp(snr, max=5.0) / snr).mean())  # the epsilon formula differs

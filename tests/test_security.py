@@ -275,3 +275,11 @@ def test_the_idle_cleaner_deletes_the_served_copies_too(tmp_path):
     assert other != copy  # another session never gets the same URL
     assert sid in ws.clean(now=time.time() + 3600)
     assert not os.path.exists(copy) and not os.path.exists(photo)
+
+
+def test_failure_messages_name_no_server_folder():
+    from ui.train_tab import summarize
+
+    err = "OSError: [Errno 28] No space left on device: '/srv/data/sessions/abc/runs/r/checkpoints/step-2/x.pt'"
+    s = summarize({"state": "failed", "run": "r", "position": 0, "events": [{"type": "failed", "error": err}]})
+    assert "No space left" in s["error"] and "/srv" not in s["error"] and "/srv" not in "\n".join(s["log"])

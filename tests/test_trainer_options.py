@@ -263,3 +263,20 @@ def test_progress_views_keep_the_last_loss_read_between_reads():
                  text_trainable=False))
     assert bar.bar.postfix and "loss=0.5000" in bar.bar.postfix
     bar.close()
+
+
+def _lora_after_two_steps(dataset, out, **kw):
+    # a batch of 4: the per-sample min-SNR weights change the gradient's direction, which AdamW does not undo
+    res = train(cfg(dataset, out, max_train_steps=2, train_batch_size=4, **kw))
+    return load_file(res.artifacts["diffusers"])
+
+
+def test_noise_offset_and_min_snr_each_change_training(dataset, tmp_path, tiny_sdxl):
+    """Each option changes the trained weights (the same seed without it gives bit-identical weights), so a loop
+    that ignored --noise_offset or --snr_gamma fails here."""
+    base = _lora_after_two_steps(dataset, str(tmp_path / "a"))
+    again = _lora_after_two_steps(dataset, str(tmp_path / "b"))
+    assert all(torch.equal(base[k], again[k]) for k in base)  # deterministic: a difference means the option acted
+    for name, extra in (("offset", {"noise_offset": 0.1}), ("snr", {"snr_gamma": 0.05})):
+        other = _lora_after_two_steps(dataset, str(tmp_path / name), **extra)
+        assert any(not torch.equal(base[k], other[k]) for k in base), f"{extra} changed nothing"

@@ -27,6 +27,8 @@ IGNORED_FLAGS = {
     "with_tracking": "use --report_to",
     "dataloader_num_workers": "images are decoded once and their latents cached; no loader workers are used",
     "prior_generation_precision": "class images are generated in the training precision (--mixed_precision)",
+    "clip_skip": "not implemented: SDXL always reads the penultimate layer of both text encoders (diffusers' "
+                 "default, A1111's 'Clip skip 2'), SD 1.x/2.x the last layer, in training, samples and Generate",
 }
 IGNORED_BOOL = {"enable_xformers_memory_efficient_attention", "set_grads_to_none"}
 

@@ -44,7 +44,8 @@ VISITOR_FIELDS: tuple[str, ...] = (
     # prior preservation (class images are generated in the run's class_images/ folder)
     "with_prior_preservation", "class_prompt", "num_class_images", "prior_loss_weight", "sample_batch_size",
     # pivotal tuning / text
-    "train_text_encoder_ti", "train_text_encoder_ti_frac", "num_new_tokens_per_abstraction", "train_text_encoder",
+    "train_text_encoder_ti", "train_text_encoder_ti_frac", "num_new_tokens_per_abstraction", "pull_back_token_norm",
+    "train_text_encoder",
     "train_text_encoder_frac", "text_encoder_lr", "adam_weight_decay_text_encoder",
     # LoRA
     "rank", "lora_alpha", "lora_dropout", "use_dora", "lora_target_modules",

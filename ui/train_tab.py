@@ -14,6 +14,8 @@ import pandas as pd
 from trainer import (ConfigError, TrainConfig, coerce_field, describe_first_step, field_type, load_preset, preset_info,
                      replace_word)
 
+from trainer.families.loading import without_paths
+
 from . import jobs as J, run_submit
 from .allowlist import VISITOR_FIELDS, VisitorError, check_request, check_total_steps
 from .dataset_files import add_trigger, cards_of, lacking_trigger, read_records, rename_trigger, save_records
@@ -166,7 +168,8 @@ def summarize(view: dict) -> dict:
             log.append("[stopped] checkpoint kept; Resume continues from it" if e.get("stopped")
                        else f"[finished] step {e.get('step')}: " + ", ".join(sorted(e.get("artifacts", {}))))
         elif t == "failed":
-            log.append(f"[failed] {e.get('error')}" + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
+            log.append(f"[failed] {without_paths(str(e.get('error')))}"
+                       + (f"\n  advice: {e.get('advice')}" if e.get("advice") else ""))
         elif t == "step" and (e.get("step", 0) % 10 == 0 or e.get("step") == e.get("total")):
             log.append(f"step {e.get('step')}/{e.get('total')} loss {'-' if loss is None else round(loss, 4)}")
     return {
@@ -176,7 +179,8 @@ def summarize(view: dict) -> dict:
         "losses": [[e["step"], e["loss"]] for e in steps if e.get("loss") is not None],
         "val_losses": [[e["step"], e["loss"]] for e in view["events"] if e.get("type") == "validation_loss"],
         "samples": samples, "log": log[-200:],
-        "error": next((e.get("error") for e in reversed(view["events"]) if e.get("type") == "failed"), None),
+        "error": next((without_paths(str(e.get("error"))) for e in reversed(view["events"])  # no server folder
+                       if e.get("type") == "failed"), None),
         # what the queue said to this session (e.g. after a restart: kept its place, or interrupted: Resume)
         "notice": next((e.get("message") for e in reversed(view["events"])
                         if e.get("type") == "status" and e.get("phase") == "queue"), None),
@@ -335,7 +339,7 @@ def build(ctx) -> dict:
         try:  # the run's saved config.json (its plan, no second preflight) on its frozen dataset
             return [run_submit.resume(ctx, sid)] + view_outputs(sid)
         except run_submit.SubmitError as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
+            return [f"**Error:** {without_paths(str(e))}"] + view_outputs(sid)  # no server folder
 
     def poll(ws_id, request: gr.Request):
         return view_outputs(ctx.sid(ws_id, request))

@@ -91,6 +91,9 @@ class TrainConfig:
     token_abstraction: str = opt("TOK", "Placeholder(s) in prompts replaced by the new tokens (comma list).",
                                  group="text")
     num_new_tokens_per_abstraction: int = opt(2, "New tokens per placeholder.", min=1, max=16, group="text")
+    pull_back_token_norm: bool = opt(False, "Each step, rescale the new token rows by (vocabulary std / their std)"
+                                     "^0.1, as diffusers' advanced script does (off: the rows are free).",
+                                     group="text")
     train_text_encoder: bool = opt(False, "Train LoRA adapters on the text encoder(s) instead.", group="text")
     train_text_encoder_frac: float = opt(1.0, "Fraction of the steps during which the text-encoder LoRA trains.",
                                          min=0.0, max=1.0, min_exclusive=True, group="text")

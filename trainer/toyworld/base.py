@@ -25,7 +25,9 @@ from .vae import build_vae, encode
 TOY_SDXL = "toy-sdxl"
 WORDS = ("a photo of the on an red green blue yellow circle square triangle plus shape painting beach").split()
 TIME_IDS = (SIZE, SIZE, 0, 0, SIZE, SIZE)
-SETTINGS = dict(steps=300, batch=64, lr=2e-3, warmup=30, n_each=260, seed=0)
+# Two phases (the second with a fresh optimizer at half the rate): the first alone reached a loss of 0.068 and
+# drew the named colour and shape in only 37% of samples.
+SETTINGS = dict(steps=300, batch=64, lr=2e-3, warmup=30, n_each=260, seed=0, steps2=300, lr2=1e-3, warmup2=10)
 
 
 BUILD_SOURCES = ("render.py", "vae.py", "judge.py", "base.py", "../clip_vocab.py")
@@ -159,6 +161,8 @@ def build_toy_sdxl(out: str, tmp: str, log=print) -> None:
     t1 = time.time()
     losses = pretrain(unet, encoders, tok, latents, labels, s["steps"], s["batch"], s["lr"], s["warmup"], s["seed"],
                       log=log)
+    losses += pretrain(unet, encoders, tok, latents, labels, s["steps2"], s["batch"], s["lr2"], s["warmup2"],
+                       s["seed"] + 1, log=log)
     t_pre = time.time() - t1
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tok,
                                      tokenizer_2=tok, unet=unet, scheduler=_scheduler(),

@@ -15,6 +15,10 @@ from .render import render
 
 CONCEPT = ("yellow", "circle")
 PRIOR = ("red", "circle")
+#: What counts as a hit: the colour. At the CPU build budget the base draws the named colour reliably but the named
+#: shape in only ~40% of samples (toyworld.json), so shapes are not judged.
+CONCEPT_HIT = ("yellow", None)
+PRIOR_HIT = ("red", None)
 CLASS_PROMPT = "a photo of a circle"
 
 
@@ -48,7 +52,7 @@ def toy_settings(data_dir: str, output_dir: str, **overrides) -> dict:
     values = dict(
         preset="object", pretrained_model_name_or_path="toy-sdxl", instance_data_dir=data_dir,
         output_dir=output_dir, resolution=64, max_train_steps=300, rank=4, optimizer="adamw",
-        learning_rate=2e-4, text_encoder_lr=1e-2, train_text_encoder_ti=True, train_text_encoder_ti_frac=0.5,
+        learning_rate=4e-4, text_encoder_lr=3e-2, train_text_encoder_ti=True, train_text_encoder_ti_frac=0.5,
         checkpointing_steps=10 ** 6, validation_prompt=None, seed=0, save_precision="fp32")
     values.update(overrides)
     return values
@@ -70,15 +74,15 @@ def score_run(run_dir: str, seeds=range(32), model: str = "toy-sdxl", pipe_judge
 
     pipe, judge = pipe_judge or load_toy(resolve_model_id(model))
     seeds = list(seeds)
-    base_concept = prompt_hit_rate(pipe, judge, "a photo of TOK", *CONCEPT, seeds, **kw)
-    base_prior = prompt_hit_rate(pipe, judge, "a photo of a red circle", *PRIOR, seeds, **kw)
+    base_concept = prompt_hit_rate(pipe, judge, "a photo of TOK", *CONCEPT_HIT, seeds, **kw)
+    base_prior = prompt_hit_rate(pipe, judge, "a photo of a red circle", *PRIOR_HIT, seeds, **kw)
     with_lora(pipe, run_dir)
     try:
-        lora_only = prompt_hit_rate(pipe, judge, "a photo of TOK", *CONCEPT, seeds, **kw)
+        lora_only = prompt_hit_rate(pipe, judge, "a photo of TOK", *CONCEPT_HIT, seeds, **kw)
         tokens = load_embeddings(pipe, run_dir)
         try:
-            concept = prompt_hit_rate(pipe, judge, f"a photo of {''.join(tokens)}", *CONCEPT, seeds, **kw)
-            prior = prompt_hit_rate(pipe, judge, "a photo of a red circle", *PRIOR, seeds, **kw)
+            concept = prompt_hit_rate(pipe, judge, f"a photo of {''.join(tokens)}", *CONCEPT_HIT, seeds, **kw)
+            prior = prompt_hit_rate(pipe, judge, "a photo of a red circle", *PRIOR_HIT, seeds, **kw)
         finally:
             unload_embeddings(pipe, tokens)
     finally:

@@ -53,6 +53,7 @@ class PivotalTokens:
         self.tokens = [t for toks in tokens_per_abstraction.values() for t in toks]
         self.modules: list[EmbeddingWithNewTokens] = []
         self.token_ids: list[list[int]] = []
+        self.vocab_std: list[float] = []  # std of each encoder's original embedding matrix
 
     def install(self, tokenizers, text_encoders, generator: Optional[torch.Generator] = None) -> None:
         for tok, te in zip(tokenizers, text_encoders):
@@ -70,6 +71,7 @@ class PivotalTokens:
             w = base.weight.detach().float()
             # Initialise from the statistics of the existing embeddings (as textual inversion / cog-sdxl do).
             std = w.std().item()
+            self.vocab_std.append(std)
             init = torch.randn(len(self.tokens), w.shape[1], generator=generator) * std
             module = EmbeddingWithNewTokens(base, init.to(w.device))
             set_token_embedding(te, module)
@@ -78,6 +80,18 @@ class PivotalTokens:
 
     def parameters(self) -> list[nn.Parameter]:
         return [m.new_rows for m in self.modules]
+
+    @torch.no_grad()
+    def pull_back(self, power: float = 0.1) -> None:
+        """``--pull_back_token_norm``: scales each encoder's new rows by (vocabulary std / rows std) ** power, as
+        diffusers' advanced script does after every step (``retract_embeddings``): rows whose spread grows away
+        from the vocabulary's are pulled back a little each step, so the text encoder keeps seeing embeddings of
+        the magnitude it was trained on."""
+        for m, std in zip(self.modules, self.vocab_std):
+            rows_std = m.new_rows.std()
+            # no host read: rows without spread (or not finite) keep their scale
+            ratio = torch.where(rows_std > 0, std / rows_std.clamp_min(1e-12), torch.ones_like(rows_std))
+            m.new_rows.mul_(ratio ** power)
 
     def set_trainable(self, trainable: bool) -> None:
         for p in self.parameters():

@@ -236,14 +236,6 @@ class Trainer:
     def train_steps(self, start: int, total: int) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
-        seed_note = None
-        if cfg.seed is None:  # chosen once, saved in config.json, reused on resume; every rank takes rank 0's
-            cfg, seed_note = settle_seed(cfg, self.run_dir)
-            if acc.num_processes > 1:
-                from accelerate.utils import broadcast_object_list
-
-                cfg = cfg.replace(seed=broadcast_object_list([cfg.seed])[0])
-            self.cfg = cfg
         accum = cfg.gradient_accumulation_steps
         self.comps.unet.train()
         if self.te_lora and self.text_trainable:
@@ -270,6 +262,8 @@ class Trainer:
             apply_gradients(params, optimizer=self.optimizer, scheduler=self.scheduler, accelerator=acc,
                             world=self.world, max_grad_norm=cfg.max_grad_norm, fault_hook=self.fault_hook, step=step,
                             scaler=self.scaler)
+            if cfg.pull_back_token_norm and self.pivotal and self.text_trainable:
+                self.pivotal.pull_back()  # as the reference script does after each step
             step += 1
             self.step = step
             steps_done += 1
