@@ -35,6 +35,11 @@ def parse_args(argv=None):
                    help="Most optimizer steps one visitor's run may train.")
     p.add_argument("--max-resolution", type=int, default=d.max_resolution,
                    help="Highest training resolution (pixels) a visitor may ask for.")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="Most workspaces (browser sessions active within --max-idle-hours) at once; a new visitor "
+                        "beyond it is told to come back later.")
+    p.add_argument("--max-runs-per-session", type=int, default=d.max_runs_per_session,
+                   help="Most runs one session may have queued or running at once.")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
                    help="Largest upload request (all its files together), in MB; larger ones are refused unread.")
     p.add_argument("--max-upload-files", type=int, default=d.max_upload_files,
@@ -57,15 +62,20 @@ def policy_of(args):
     return Policy(base_models=names(args.base_models), caption_models=names(args.caption_models),
                   max_train_steps=args.max_steps, max_resolution=args.max_resolution,
                   max_upload_mb=args.max_upload_mb, max_upload_files=args.max_upload_files,
-                  max_dataset_images=args.max_images)
+                  max_dataset_images=args.max_images,
+                  max_sessions=args.max_sessions, max_runs_per_session=args.max_runs_per_session)
 
 
 def main(argv=None):
     args = parse_args(argv)
     from ui import build_app
 
-    demo, launch_kwargs = build_app(root=args.root, max_idle_s=args.max_idle_hours * 3600, policy=policy_of(args))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs)
+    demo, launch_kwargs = build_app(root=args.root, max_idle_s=args.max_idle_hours * 3600, policy=policy_of(args),
+                                    start_jobs=False)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_kwargs)
+    demo.ls_context.jobs.start()  # jobs restored from the queue train once the server answers
+    demo.block_thread()
 
 
 if __name__ == "__main__":

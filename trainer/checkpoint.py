@@ -36,6 +36,26 @@ def is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
+def _nearly_full(exc: BaseException, folder: str) -> bool:
+    """torch's zip writer reports a full disk as ``[enforce fail at inline_container.cc...]`` without errno:
+    a write error on a disk with (almost) no space left is taken for a full disk."""
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def disk_full_message(step: int, previous: Optional[str]) -> str:
+    """What a run says when checkpoint ``step`` hit a full disk: no server path, and what to do."""
+    kept = (f"the previous checkpoint (step {previous.rsplit('-', 1)[-1]}) is intact"
+            if previous else "no earlier checkpoint exists")
+    return (f"the disk is full: checkpoint step-{step} could not be saved and nothing of it was kept; {kept}. "
+            "Free some disk space (old runs, caches), then resume the run (Resume in the app, "
+            "--resume_from_checkpoint latest on the command line).")
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -136,12 +156,10 @@ def save_checkpoint(root: str, step: int, *, tensors: dict[str, dict[str, torch.
         os.rename(tmp, final)
         _fsync_dir(root)
     except BaseException as exc:
+        full = is_disk_full(exc) or _nearly_full(exc, root)  # measured before the partial folder is removed
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
-            raise CheckpointError(
-                f"the disk is full: checkpoint step-{step} could not be written to {root}. Free some space "
-                "(old runs in outputs/, the Hugging Face cache) and resume with --resume_from_checkpoint latest; "
-                "the previous checkpoint is intact.") from None
+        if full:
+            raise CheckpointError(disk_full_message(step, latest_checkpoint(root))) from None
         raise
     if total_limit:
         cps = list_checkpoints(root)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -13,7 +14,7 @@ import gradio as gr
 from .allowlist import Policy
 from .jobs import JobManager
 from .file_guard import FileGuard, SessionFiles
-from .sessions import BrowserCookie, WorkspaceRefused, Workspaces, browser_of, valid_session_id
+from .sessions import BrowserCookie, SessionLimitError, WorkspaceRefused, Workspaces, browser_of, valid_session_id
 
 
 
@@ -105,15 +106,21 @@ footer {display: none !important;}
 
 
 def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every_s: float = 600,
-              policy: Optional[Policy] = None):
-    """Returns ``(demo, launch_kwargs)``; ``policy`` holds the operator's choices for visitors."""
+              policy: Optional[Policy] = None, start_jobs: bool = True):
+    """Returns ``(demo, launch_kwargs)``; ``policy`` holds the operator's choices for visitors. With
+    ``start_jobs=False`` no job trains until ``demo.ls_context.jobs.start()`` (``app.py`` calls it once the
+    server is up, so a job restored from the queue does not slow the launch)."""
     from . import choices, dataset_tab, generate_tab, publish_tab, train_tab
     from .theme import STUDIO_CSS, make_theme
 
-    workspaces = Workspaces(root, max_idle_s=max_idle_s)
+    policy = policy or Policy()
+    workspaces = Workspaces(root, max_idle_s=max_idle_s, max_sessions=policy.max_sessions)
     engine = EngineHolder()
-    jobs = JobManager(before_train=[_release_captioners, engine.release])
-    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy or Policy(),
+    # the queue is durable (ui/queue_store.py): queued and running jobs come back after a restart
+    jobs = JobManager(before_train=[_release_captioners, engine.release],
+                      store=os.path.join(workspaces.root, "queue.json"),
+                      max_runs_per_session=policy.max_runs_per_session, start=start_jobs)
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy,
                      files=SessionFiles(workspaces.sessions_root))
     workspaces.on_clean.append(ctx.files.purge)  # an idle session's served copies go with its uploads
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)
@@ -156,7 +163,10 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
             ok = valid_session_id(saved) and workspaces.exists(saved) and (
                 workspaces.held_by(saved, browser) if browser else not workspaces.is_bound(saved))
             sid = saved if ok else workspaces.new_id()
-            workspaces.bind(sid, browser)
+            try:
+                workspaces.bind(sid, browser)
+            except SessionLimitError as e:  # the operator's --max-sessions
+                raise gr.Error(str(e))
             return sid, sid
 
         load_ev = demo.load(on_load, inputs=[browser_ws], outputs=[ctx.ws_state, browser_ws],

@@ -80,6 +80,8 @@ class Policy:
     caption_models: tuple[str, ...] = DEFAULT_CAPTION_MODELS
     max_train_steps: int = 5000  # optimizer steps of one run, however they are asked for
     max_resolution: int = 1024
+    max_sessions: int = 200  # workspaces seen within the idle time (older ones do not count)
+    max_runs_per_session: int = 1  # queued + running runs of one session
     max_upload_mb: float = 200.0  # one upload request (all its files together); larger ones are refused unread
     max_upload_files: int = 300  # files in one upload
     max_dataset_images: int = 300  # images one session's dataset may hold

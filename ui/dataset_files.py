@@ -12,7 +12,10 @@ import shutil
 import pandas as pd
 
 from trainer import Record, is_image_name, read_metadata_jsonl, replace_word, write_metadata_jsonl
+
 from uploads.ingest import ingest_files  # noqa: F401 (taking uploads in: what the app accepts, uploads/ingest.py)
+
+from .dataset_store import locked
 
 PROBLEMS_FILE = ".upload_problems.json"
 TRIGGER_FILE = ".trigger"  # the trigger word the captions of this folder were written with
@@ -109,6 +112,7 @@ def cards_of(records: list[Record]) -> list[dict]:
     return [{"path": r.path, "name": r.source_name, "caption": r.caption or ""} for r in records]
 
 
+@locked  # one dataset edit at a time (ui/dataset_store.py)
 def set_caption(folder: str, name: str, caption: str) -> bool:
     """Writes the caption of the image ``name`` (its shown, relative name); False when there is no such image."""
     recs = read_records(folder)
@@ -120,6 +124,7 @@ def set_caption(folder: str, name: str, caption: str) -> bool:
     return True
 
 
+@locked  # one dataset edit at a time (ui/dataset_store.py)
 def remove_image(folder: str, name: str) -> bool:
     """Deletes one image of the dataset (and its .txt sidecar), by its shown name; False when it is not there."""
     recs = read_records(folder)
@@ -146,6 +151,7 @@ def record_trigger(folder: str, trigger: str) -> None:
         f.write((trigger or "").strip())
 
 
+@locked  # one dataset edit at a time (ui/dataset_store.py)
 def rename_trigger(folder: str, new: str) -> tuple[int, str]:
     """Rewrites every caption of ``folder`` from the trigger they were written with to ``new`` (whole words,
     the trainer's one placeholder rule). Returns (captions changed, the old trigger)."""
@@ -173,6 +179,7 @@ def lacking_trigger(records: list[Record], trigger: str, fallback: str = "") -> 
     return [r for r in records if not contains_trigger((r.caption or "").strip() or fallback, trigger)]
 
 
+@locked  # one dataset edit at a time (ui/dataset_store.py)
 def add_trigger(folder: str, concept: str, trigger: str, fallback: str = "") -> int:
     """Puts ``trigger`` into every caption that lacks it: an old trigger word (the one recorded, or ``TOK``) is
     renamed, else the concept's caption template adds it (the captioner's rule: 'a photo of TOK, <caption>',

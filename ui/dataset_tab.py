@@ -16,6 +16,7 @@ from .allowlist import VisitorError, check_base_model, check_caption_model
 from .dataset_files import (PROBLEM_HEADERS, TABLE_HEADERS, caption_template, cards_of, gallery_of,  # noqa: F401
                             ingest_files, list_images, problems_table, read_records,
                             record_trigger, rename_trigger, save_problems, save_records, table_of)
+from .dataset_store import edit_lock, merge_captions
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
 TINY_CAPTIONER = "tiny-blip"  # the offline demo captioner (captioning/tiny.py)
@@ -118,20 +119,21 @@ def build(ctx) -> dict:
     def on_upload(files, ws_id, request: gr.Request):
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
-        before = {r.path: r.caption for r in read_records(folder)}
-        paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files or []]
-        if len(paths) > ctx.policy.max_upload_files:
-            added, probs, notes = [], [too_many_files_problem(len(paths), ctx.policy.max_upload_files)], []
-        else:
-            limit = ctx.policy.max_dataset_images
-            added, probs, notes = ingest_files(paths, folder, room=limit - len(before), limit=limit)
-        ctx.files.discard_uploads(paths)  # Gradio's own copies of the upload go once taken in (or refused)
-        recs = read_records(folder)
-        for r in recs:  # keep the captions the user already had
-            if r.path in before and before[r.path]:
-                r.caption = before[r.path]
-        save_records(folder, recs)
-        save_problems(folder, probs)
+        with edit_lock(folder):  # one dataset edit at a time (ui/dataset_store.py)
+            before = {r.path: r.caption for r in read_records(folder)}
+            paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files or []]
+            if len(paths) > ctx.policy.max_upload_files:
+                added, probs, notes = [], [too_many_files_problem(len(paths), ctx.policy.max_upload_files)], []
+            else:
+                limit = ctx.policy.max_dataset_images
+                added, probs, notes = ingest_files(paths, folder, room=limit - len(before), limit=limit)
+            ctx.files.discard_uploads(paths)  # Gradio's own copies of the upload go once taken in (or refused)
+            recs = read_records(folder)
+            for r in recs:  # keep the captions the user already had
+                if r.path in before and before[r.path]:
+                    r.caption = before[r.path]
+            save_records(folder, recs)
+            save_problems(folder, probs)
         lines = [f"Added **{len(added)}** image(s); the dataset has **{len(recs)}**."]
         skipped = [p for p in probs if p.get("severity") == "error"]
         warned = [p for p in probs if p.get("severity") != "error"]
@@ -157,39 +159,46 @@ def build(ctx) -> dict:
         except VisitorError as e:
             raise gr.Error(str(e))
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
-        recs = read_records(folder)
+        with edit_lock(folder):
+            recs = read_records(folder)
         todo = [r for r in recs if overwrite_v or not (r.caption or "").strip()]
         if not recs:
             raise gr.Error("Upload some images first.")
-        if ctx.jobs.busy():
-            gr.Warning("A training is running: captioning shares the machine and will be slower.")
         cap_concept, tmpl = caption_template(concept_v)
         progress(0, desc="Loading the captioning model...")
-        try:
-            caps = run_caption([r.path for r in todo], model=model,
-                               concept=cap_concept, trigger=(trigger_v or "TOK").strip(), template=tmpl,
-                               on_progress=lambda d, t: progress((d, t), desc="Captioning", unit="images"))
-        except Exception as e:  # noqa: BLE001 - a plain sentence, the captions stay as they were
-            return gr.skip(), captioner_failed(model, e, CaptionerLoadError), gr.skip()
-        for r, c in zip(todo, caps):
-            r.caption = c
-        save_records(folder, recs)
-        record_trigger(folder, (trigger_v or "TOK").strip())  # what a later trigger change rewrites
-        return table_of(recs), f"Captioned {len(todo)} image(s) with `{model}`.", cards_of(recs)
+        with ctx.jobs.gpu.captioning() as device:  # never the GPU a training holds (ui/gpu.py)
+            where = " on the CPU (a training holds the GPU)" if device == "cpu" and ctx.jobs.gpu.has_cuda() else ""
+            if ctx.jobs.busy():
+                gr.Warning("A training is running: captioning shares the machine and will be slower.")
+            try:
+                caps = run_caption([r.path for r in todo], model=model, device=device,
+                                   concept=cap_concept, trigger=(trigger_v or "TOK").strip(), template=tmpl,
+                                   on_progress=lambda d, t: progress((d, t), desc="Captioning", unit="images"))
+            except Exception as e:  # noqa: BLE001 - a plain sentence, the captions stay as they were
+                return gr.skip(), captioner_failed(model, e, CaptionerLoadError), gr.skip()
+        with edit_lock(folder):  # merged into the captions as they are now: edits made meanwhile are kept
+            recs = read_records(folder)
+            written, kept = merge_captions(recs, {r.path: r.caption for r in todo},
+                                           {r.path: c for r, c in zip(todo, caps)})
+            save_records(folder, recs)
+            record_trigger(folder, (trigger_v or "TOK").strip())  # what a later trigger change rewrites
+        note = f" Kept {kept} caption(s) you edited meanwhile." if kept else ""
+        return table_of(recs), f"Captioned {written} image(s) with `{model}`{where}.{note}", cards_of(recs)
 
     def on_save(captions, ws_id, request: gr.Request):
         folder = ctx.workspaces.uploads_dir(ctx.sid(ws_id, request))
-        recs = read_records(folder)
         df = captions
         by_name = {}
         if df is not None and len(df):
             for row in df.itertuples(index=False):
                 by_name[str(row[0])] = "" if row[1] is None or (isinstance(row[1], float) and row[1] != row[1]) \
                     else str(row[1]).strip()
-        for r in recs:
-            if r.source_name in by_name:
-                r.caption = by_name[r.source_name]
-        save_records(folder, recs)
+        with edit_lock(folder):
+            recs = read_records(folder)
+            for r in recs:
+                if r.source_name in by_name:
+                    r.caption = by_name[r.source_name]
+            save_records(folder, recs)
         return f"Saved {len(recs)} caption(s) to metadata.jsonl.", cards_of(recs)
 
     def on_check(base_model, trigger, ws_id, request: gr.Request):
@@ -224,7 +233,8 @@ def build(ctx) -> dict:
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
         new = (trigger_v or "").strip()
-        changed, old = rename_trigger(folder, new)
+        with edit_lock(folder):
+            changed, old = rename_trigger(folder, new)
         if not changed:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         recs = read_records(folder)
@@ -234,9 +244,10 @@ def build(ctx) -> dict:
     def on_clear(ws_id, request: gr.Request):
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
-        ctx.files.purge(sid)  # every served copy of the removed photos: their URLs answer 404 now
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder, exist_ok=True)
+        with edit_lock(folder):  # a run keeps its own copy (ui/dataset_store.py): clearing never touches it
+            ctx.files.purge(sid)  # every served copy of the removed photos: their URLs answer 404 now
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder, exist_ok=True)
         return [], table_of([]), "Dataset cleared.", problems_table([]), []
 
     upload.upload(on_upload, [upload, ws], [upload, gallery, table, upload_msg, problems, cards],

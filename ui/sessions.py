@@ -49,11 +49,16 @@ def safe_run_name(name: Optional[str]) -> str:
     return cleaned[:64] or "my-lora"
 
 
+class SessionLimitError(ValueError):
+    """A new workspace refused: the operator's --max-sessions are all in use."""
+
+
 class Workspaces:
-    def __init__(self, root: str, max_idle_s: float = 6 * 3600):
+    def __init__(self, root: str, max_idle_s: float = 6 * 3600, max_sessions: Optional[int] = None):
         self.root = os.path.realpath(root)
         self.sessions_root = os.path.join(self.root, "sessions")
         self.max_idle_s = max_idle_s
+        self.max_sessions = max_sessions  # workspaces seen within max_idle_s; None: no limit
         os.makedirs(self.sessions_root, exist_ok=True)
         self._lock = threading.Lock()
         self.on_clean: list[Callable[[str], None]] = []  # called with each session id whose uploads were deleted
@@ -101,6 +106,12 @@ class Workspaces:
         if not valid_session_id(sid):
             raise ValueError("invalid session id")
         d = os.path.join(self.sessions_root, sid)
+        if self.max_sessions is not None and not os.path.isdir(d):
+            with self._lock:
+                if not os.path.isdir(d) and self.active_count() >= self.max_sessions:
+                    raise SessionLimitError(f"This app is serving its limit of {self.max_sessions} workspaces. "
+                                            "Try again later, when an idle one has been cleaned up.")
+                os.makedirs(d)
         os.makedirs(os.path.join(d, "uploads"), exist_ok=True)
         os.makedirs(os.path.join(d, "runs"), exist_ok=True)
         self.touch(sid)
@@ -175,6 +186,15 @@ class Workspaces:
             except OSError:
                 continue
         return 0.0
+
+    def active_count(self, now: Optional[float] = None) -> int:
+        """Workspaces seen within ``max_idle_s`` (what --max-sessions counts)."""
+        now = time.time() if now is None else now
+        try:
+            names = os.listdir(self.sessions_root)
+        except OSError:
+            return 0
+        return sum(1 for sid in names if valid_session_id(sid) and now - self.last_seen(sid) <= self.max_idle_s)
 
     def clean(self, now: Optional[float] = None, busy: frozenset = frozenset()) -> list[str]:
         """Deletes ``uploads/`` of sessions idle longer than ``max_idle_s`` (runs are kept); returns their ids."""

@@ -3,8 +3,9 @@ live progress, loss plot, samples."""
 from __future__ import annotations
 
 import inspect
-import json
 import os
+import shutil
+from dataclasses import fields
 from enum import Enum
 
 import gradio as gr
@@ -14,10 +15,12 @@ from trainer import (ConfigError, TrainConfig, coerce_field, field_type, load_pr
 
 from trainer.families.loading import without_paths
 
-from . import jobs as J
+from . import jobs as J, run_submit
 from .allowlist import VisitorError, check_request, check_total_steps, planned_steps
 from .dataset_files import add_trigger, cards_of, lacking_trigger, read_records, rename_trigger, save_records
+from .dataset_store import edit_lock
 from . import train_form
+from .run_submit import SubmitError, freeze_for_run
 from .sessions import safe_run_name
 from .train_form import ADV, ADV_NAMES, SHORT_FIELDS, in_form_words, label_of  # noqa: F401 (ADV: tests)
 from .train_view import (GUESS_S_PER_STEP, _fmt_time, job_view, loss_frame, lr_md,  # noqa: F401 (tests)
@@ -181,11 +184,12 @@ def build(ctx) -> dict:
         *vals, ws_id, request = args
         sid = ctx.sid(ws_id, request)
         folder = ctx.workspaces.uploads_dir(sid)
-        rename_trigger(folder, (trigger_v or "TOK").strip())  # a trigger typed just before Start (blur races)
-        recs = read_records(folder)
-        if not recs:
-            return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
-        save_records(folder, recs)
+        with edit_lock(folder):  # one dataset edit at a time (ui/dataset_store.py)
+            rename_trigger(folder, (trigger_v or "TOK").strip())  # a trigger typed just before Start (blur races)
+            recs = read_records(folder)
+            if not recs:
+                return ["**Error:** The dataset is empty: add images in the Dataset tab first."] + view_outputs(sid)
+            save_records(folder, recs)
         trig = (trigger_v or "TOK").strip()
         values = {n: from_ui(n, v) for n, v in zip(ADV_NAMES, vals)}
         try:
@@ -210,24 +214,32 @@ def build(ctx) -> dict:
         while os.path.exists(run_dir):
             run_dir = ctx.workspaces.run_dir(sid, f"{name}-{n}")
             n += 1
+        try:  # the run trains on its own copy of the dataset (edits after Start change the next run only)
+            frozen, recs = freeze_for_run(folder, run_dir)
+        except SubmitError as e:
+            return [f"**Error:** {e}"] + view_outputs(sid)
         values.update(pretrained_model_name_or_path=(base_v or "").strip(), token_abstraction=trig,
-                      concept=concept_v, preset=concept_v, instance_data_dir=folder, output_dir=run_dir,
+                      concept=concept_v, preset=concept_v, instance_data_dir=frozen, output_dir=run_dir,
                       resume_from_checkpoint=None,
                       class_data_dir=os.path.join(run_dir, "class_images") if values.get("with_prior_preservation")
                       else None)
         try:
             cfg = TrainConfig.from_sources(**values)
         except ConfigError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of a refused run is kept
             bad_fields[sid] = [x.name for x in e.errors]
             return [format_config_error(e)] + view_outputs(sid)
         try:
             check_total_steps(cfg, len(recs), ctx.policy)
         except VisitorError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)
             return refuse(sid, str(e), train_form.fields_named(str(e)))
         try:
             job = ctx.jobs.submit(sid, cfg)
-        except RuntimeError as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
+        except (ConfigError, VisitorError, RuntimeError) as e:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of a refused run is kept
+            msg = format_config_error(e) if isinstance(e, ConfigError) else f"**Error:** {e}"
+            return [msg] + view_outputs(sid)
         renamed = "" if os.path.basename(run_dir) == name else f" (a run named '{name}' exists, so this one " \
                                                                  f"is '{os.path.basename(run_dir)}')"
         pos = ctx.jobs.position(job)
@@ -244,32 +256,10 @@ def build(ctx) -> dict:
 
     def resume(ws_id, request: gr.Request):
         sid = ctx.sid(ws_id, request)
-        job = ctx.jobs.latest(sid)
-        if job is not None and job.state in J.ACTIVE:
-            return [f"'{job.run_name}' is still {job.state}."] + view_outputs(sid)
-        if job is not None:
-            cfg, run_dir = job.config, job.run_dir
-        else:
-            runs = ctx.workspaces.list_runs(sid)
-            if not runs:
-                return ["No run to resume."] + view_outputs(sid)
-            run_dir = os.path.join(ctx.workspaces.runs_dir(sid), runs[0])
-            try:
-                with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-                    cfg = TrainConfig.from_dict(json.load(f))
-            except (OSError, ValueError, ConfigError) as e:
-                return [f"**Error:** Cannot read the run's config: {without_paths(str(e))}"] + view_outputs(sid)
-        if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            return ["**Error:** This run has no checkpoint yet; start it again instead."] + view_outputs(sid)
-        state, history = J.run_state_from_disk(run_dir)
-        if state == J.FINISHED:
-            return ["This run already finished."] + view_outputs(sid)
-        try:
-            cfg = cfg.replace(resume_from_checkpoint="latest").validate()
-            new = ctx.jobs.submit(sid, cfg, resume=True, history=history)
-        except (RuntimeError, ConfigError) as e:
-            return [f"**Error:** {e}"] + view_outputs(sid)
-        return [f"Resuming **{new.run_name}** from its latest checkpoint."] + view_outputs(sid)
+        try:  # the run's saved config.json (its plan, no second preflight) on its frozen dataset
+            return [run_submit.resume(ctx, sid)] + view_outputs(sid)
+        except run_submit.SubmitError as e:
+            return [f"**Error:** {without_paths(str(e))}"] + view_outputs(sid)  # no server folder
 
     def length_of(base_v, *args):
         *vals, ws_id, request = args

@@ -74,6 +74,8 @@ def progress_html(s: dict) -> str:
             text += f" · loss {s['loss']:.4f}"
     if state == J.FAILED and s["error"]:
         text += f" · {as_sentence(s['error'])}"
+    if state in (J.INTERRUPTED, J.QUEUED) and s.get("notice"):
+        text += f" · {s['notice']}"
     return (f"<div id='ls-progress' data-state='{state}'><div class='bar'><div class='fill' style='width:{pct}%'>"
             f"</div></div><div class='txt'><b>{html.escape(s['run'] or '')}</b> · {html.escape(text)}</div></div>")
 
@@ -162,4 +164,7 @@ def summarize(view: dict) -> dict:
         "samples": samples, "log": log[-200:],
         "error": next((without_paths(str(e.get("error"))) for e in reversed(view["events"])  # no server folder
                        if e.get("type") == "failed"), None),
+        # what the queue said to this session (e.g. after a restart: kept its place, or interrupted: Resume)
+        "notice": next((e.get("message") for e in reversed(view["events"])
+                        if e.get("type") == "status" and e.get("phase") == "queue"), None),
     }

@@ -37,9 +37,9 @@ def describe_failure(exc: BaseException, run_dir: str) -> tuple[str, str]:
     """(message, advice) for a run that raised ``exc``: a full disk, out of memory, or the error's own text."""
     text = f"{exc}"
     if ckpt.is_disk_full(exc) and "disk is full" not in text:
-        return (f"the disk is full ({run_dir}): {text.splitlines()[0][:200]}",
-                "Free some space (old runs in outputs/, the Hugging Face cache) and resume with "
-                "--resume_from_checkpoint latest; the last complete checkpoint is intact.")
+        return ("the disk is full: the run could not write its files",  # no server path: visitors read this
+                "Free some space (old runs, the Hugging Face cache) and resume (Resume in the app, "
+                "--resume_from_checkpoint latest on the command line); the last complete checkpoint is intact.")
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         return "out of memory: " + text.splitlines()[0][:300], OOM_ADVICE
     if isinstance(exc, TrainingError):
