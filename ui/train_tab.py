@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-from dataclasses import fields
 from enum import Enum
 
 import gradio as gr
