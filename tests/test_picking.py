@@ -339,4 +339,4 @@ def test_the_app_shows_the_grid_and_generates_with_the_pick(run, tmp_path):
     events = read_events(os.path.join(result.run_dir, "events.jsonl"))
     s = summarize({"state": "finished", "run": "r", "events": events, "position": 0})
     df = loss_frame(s)
-    assert set(df["series"]) == {"training", "validation"} and len(df[df.series == "validation"]) == 3
+    assert set(df["series"]) == {"training", "smoothed", "validation"} and len(df[df.series == "validation"]) == 3

@@ -29,7 +29,7 @@ def name_problem(name: str) -> Optional[dict]:
     if ext in IMAGE_EXTENSIONS:
         return None
     if is_unsupported_image_name(name):
-        message = f"'{name}' is in an image format this app does not take; it was not added."
+        message = f"'{name}' is in an image format that is not supported here; it was not added."
         fix = "Convert it to JPEG, PNG or WebP and upload it again."
     else:
         message = (f"'{name}' is not an image file (only {KEPT_EXTENSIONS_TEXT} files and .zip archives are "
