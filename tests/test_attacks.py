@@ -330,32 +330,25 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
-def test_a_real_browser_sees_its_thumbnails_and_keeps_its_workspace(app, tmp_path):
-    """Downloads-only answers still show as images; the cookie binding keeps a reload's workspace."""
-    from playwright.sync_api import expect, sync_playwright
-
-    from test_app_browser import FLAGS
+def test_a_real_browser_sees_its_thumbnails_and_keeps_its_workspace(app, tmp_path, page):
+    """Downloads-only answers still show as images; the cookie binding keeps a reload's workspace.
+    (pytest-playwright's page: a second sync_playwright in one session fails on its running loop.)"""
+    from playwright.sync_api import expect
 
     photos = make_images(str(tmp_path / "mine"), 3)
     before = set(os.listdir(os.path.join(app.root, "sessions")))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(app.url)
-            page.locator("#ls-upload input[type=file]").set_input_files(photos)
-            expect(page.locator("#ls-upload-msg")).to_contain_text("Added 3 image", timeout=60_000)
-            imgs = page.locator(".ls-card-img img")
-            expect(imgs).to_have_count(3, timeout=60_000)
-            page.wait_for_function("() => [...document.querySelectorAll('.ls-card-img img')].every("
-                                   "i => i.complete && i.naturalWidth > 0)")
-            cookie = [c for c in page.context.cookies() if c["name"] == "ls_browser"]
-            assert cookie and cookie[0]["httpOnly"]
-            mine = set(os.listdir(os.path.join(app.root, "sessions"))) - before
-            assert len(mine) == 1 and len(next(iter(mine))) >= 32  # a secret id, not the page's session hash
-            page.reload()
-            expect(page.locator(".ls-card-img img")).to_have_count(3, timeout=60_000)
-            assert set(os.listdir(os.path.join(app.root, "sessions"))) - before == mine
-        finally:
-            browser.close()
+    page.set_default_timeout(60_000)
+    page.goto(app.url)
+    page.locator("#ls-upload input[type=file]").set_input_files(photos)
+    expect(page.locator("#ls-upload-msg")).to_contain_text("Added 3 image", timeout=60_000)
+    imgs = page.locator(".ls-card-img img")
+    expect(imgs).to_have_count(3, timeout=60_000)
+    page.wait_for_function("() => [...document.querySelectorAll('.ls-card-img img')].every("
+                           "i => i.complete && i.naturalWidth > 0)")
+    cookie = [c for c in page.context.cookies() if c["name"] == "ls_browser"]
+    assert cookie and cookie[0]["httpOnly"]
+    mine = set(os.listdir(os.path.join(app.root, "sessions"))) - before
+    assert len(mine) == 1 and len(next(iter(mine))) >= 32  # a secret id, not the page's session hash
+    page.reload()
+    expect(page.locator(".ls-card-img img")).to_have_count(3, timeout=60_000)
+    assert set(os.listdir(os.path.join(app.root, "sessions"))) - before == mine

@@ -121,16 +121,17 @@ def test_prompt_fit_text_drops_the_trigger_by_the_one_placeholder_rule():
     assert prompt_without_trigger("a photo of SKS and TOK", "TOK, SKS") == "a photo of and"
 
 
-def test_pick_options_are_validated():
+def test_pick_options_are_validated(tmp_path):
+    data = str(tmp_path)  # not the checkout: its outputs/ would be inside the data folder (refused)
     with pytest.raises(ConfigError) as e:
-        TrainConfig.from_dict({"pick_scales": "0.8,abc", "instance_data_dir": ROOT}).validate()
+        TrainConfig.from_dict({"pick_scales": "0.8,abc", "instance_data_dir": data}).validate()
     assert "pick_scales" in e.value.fields
     with pytest.raises(ConfigError) as e:
-        TrainConfig.from_dict({"pick_scales": "0.8,2.5", "pick_seeds": 0, "instance_data_dir": ROOT}).validate()
+        TrainConfig.from_dict({"pick_scales": "0.8,2.5", "pick_seeds": 0, "instance_data_dir": data}).validate()
     assert {"pick_scales", "pick_seeds"} <= set(e.value.fields)
     from trainer.cli import parse_config
 
-    cfg, _ = parse_config(["--instance_data_dir", ROOT, "--pick_best", "--validation_loss_images", "2"])
+    cfg, _ = parse_config(["--instance_data_dir", data, "--pick_best", "--validation_loss_images", "2"])
     assert cfg.pick_best is True and cfg.validation_loss_images == 2
     assert cfg.pick_scale_values == (0.6, 0.8, 1.0, 1.2)
 
