@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from trainer.devices import cuda_available
+
 from .allowlist import Policy
 from .jobs import JobManager
 from .file_guard import FileGuard, SessionFiles
@@ -18,13 +20,6 @@ from .sessions import BrowserCookie, SessionLimitError, WorkspaceRefused, Worksp
 
 
 
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
 
 
 class EngineHolder:
@@ -120,7 +115,7 @@ def build_app(root: str = "outputs", max_idle_s: float = 6 * 3600, cleaner_every
     jobs = JobManager(before_train=[_release_captioners, engine.release],
                       store=os.path.join(workspaces.root, "queue.json"),
                       max_runs_per_session=policy.max_runs_per_session, start=start_jobs)
-    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=has_cuda(), policy=policy,
+    ctx = AppContext(workspaces=workspaces, jobs=jobs, engine=engine, cuda=cuda_available(), policy=policy,
                      files=SessionFiles(workspaces.sessions_root))
     workspaces.on_clean.append(ctx.files.purge)  # an idle session's served copies go with its uploads
     workspaces.start_cleaner(every_s=cleaner_every_s, busy_fn=jobs.active_sessions)

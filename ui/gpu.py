@@ -11,15 +11,7 @@ import contextlib
 import threading
 from typing import Callable, Iterator, Optional
 
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA GPU."""
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+from trainer.devices import cuda_available  # a module name here, so a test can patch ui.gpu.cuda_available
 
 
 class GpuArbiter:
